@@ -1,0 +1,286 @@
+"""Functional LoRA: extra leaves in the params pytree, a label tree, and merge / unmerge.
+
+A targeted projection's params hold `kernel` [in, out] (frozen) plus `lora_a` [in, R] and
+`lora_b` [R, out] (trainable). The forward pass is
+
+    y = x W + dropout(x) A B * scale,   scale = alpha / R   (rsLoRA: alpha / sqrt(R))
+
+with A Kaiming-uniform (as PEFT) and B = 0, so a freshly adapted model equals its base exactly.
+`trainable_labels` marks leaves "trainable" / "frozen" by path patterns; `split_params` separates
+the two subtrees so `jax.grad` only differentiates the trainable one (no gradient or optimizer
+buffers exist for frozen weights); `optax_mask` offers the same partition to `optax.multi_transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+SHORTHANDS = {"attention": ATTENTION_MODULES, "attn": ATTENTION_MODULES, "mlp": MLP_MODULES,
+              "all": ALL_MODULES}
+TRAINABLE, FROZEN = "trainable", "frozen"
+LORA_LEAVES = ("lora_a", "lora_b")
+_INITS = ("default", "gaussian", "pissa")
+
+
+def _as_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+  if isinstance(targets, str):
+    targets = [t for t in re.split(r"[,\s]+", targets) if t]
+  return tuple(targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA hyperparameters. `targets` are PEFT module names or "attention" / "mlp" / "all"."""
+  rank: int = 16
+  alpha: float | None = None  # None -> 2 * rank (the paper's choice)
+  dropout: float = 0.0
+  targets: tuple[str, ...] | str = ("all",)
+  use_rslora: bool = False
+  init: str = "default"  # "default" (Kaiming-uniform A, zero B), "gaussian", or "pissa"
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", _as_targets(self.targets))
+    if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
+      raise ValueError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+    if self.alpha is not None and not self.alpha > 0:
+      raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+    if self.init not in _INITS:
+      raise ValueError(f"lora.init must be one of {_INITS}, got {self.init!r}")
+    if not self.targets:
+      raise ValueError("lora.targets is empty; name modules (q_proj, ...) or 'attention'/'mlp'/'all'")
+    for t in self.targets:
+      if t not in SHORTHANDS and t not in ALL_MODULES:
+        raise ValueError(f"lora.targets: {t!r} matches no module; valid names are "
+                         f"{list(ALL_MODULES)} and shorthands {sorted(SHORTHANDS)}")
+
+  @property
+  def lora_alpha(self) -> float:
+    return float(self.alpha if self.alpha is not None else 2 * self.rank)
+
+  @property
+  def scale(self) -> float:
+    r = math.sqrt(self.rank) if self.use_rslora else self.rank
+    return self.lora_alpha / r
+
+  @property
+  def target_modules(self) -> tuple[str, ...]:
+    """Targets with shorthands expanded, in canonical module order."""
+    names = set()
+    for t in self.targets:
+      names.update(SHORTHANDS.get(t, (t,)))
+    return tuple(m for m in ALL_MODULES if m in names)
+
+  def replace(self, **kwargs) -> "LoraConfig":
+    return dataclasses.replace(self, **kwargs)
+
+
+def kaiming_uniform_a(key, shape, dtype=jnp.float32):
+  """PEFT's `kaiming_uniform_(a=sqrt(5))` on the [R, in] weight: U(-1/sqrt(in), 1/sqrt(in))."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _a_init(lora: LoraConfig):
+  if lora.init == "gaussian":
+    return lambda key, shape, dtype=jnp.float32: (
+        jax.random.normal(key, shape, dtype) / lora.rank)
+  return kaiming_uniform_a
+
+
+class LoraDense(nn.Module):
+  """A bias-free Dense whose kernel may carry a LoRA branch (when its name is targeted)."""
+  features: int
+  kernel_axes: tuple[str, str]
+  lora: LoraConfig | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    d_in = x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), self.kernel_axes), (d_in, self.features), self.param_dtype)
+    x = x.astype(self.dtype)
+    y = x @ kernel.astype(self.dtype)
+    if self.lora is None or self.name not in self.lora.target_modules:
+      return y
+    lora = self.lora
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        _a_init(lora), (self.kernel_axes[0], "lora_rank")), (d_in, lora.rank), self.param_dtype)
+    b = self.param("lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("lora_rank", self.kernel_axes[1])),
+        (lora.rank, self.features), self.param_dtype)
+    if lora.dropout > 0:
+      x = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+    return y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(
+        lora.scale, self.dtype)
+
+
+# --------------------------------------------------------------------------- pytree helpers
+def _flat(params: Mapping) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(dict(params))
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  return traverse_util.unflatten_dict(dict(flat))
+
+
+def path_str(path: tuple[str, ...]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def target_kernel_paths(params: Mapping, lora: LoraConfig) -> list[tuple[str, ...]]:
+  """Paths of the `kernel` leaves that `lora` adapts; error if a requested target matches none."""
+  flat = _flat(params)
+  found = [p for p in flat if p[-1] == "kernel" and len(p) >= 2 and p[-2] in lora.target_modules]
+  for t in lora.targets:
+    names = SHORTHANDS.get(t, (t,))
+    if not any(p[-2] in names for p in found):
+      raise ValueError(f"lora.targets: {t!r} matches no module in these params")
+  return found
+
+
+def add_lora(params: Mapping, config: Any, lora: LoraConfig, rng: jax.Array) -> dict:
+  """Returns params with `lora_a` / `lora_b` leaves added next to each targeted kernel.
+
+  With `init="pissa"` the top-R singular directions of W move into A B and the kernel keeps the
+  residual (the model output is unchanged up to float rounding). `config` is the LlamaConfig
+  (kept in the signature so adapters can be validated against the model; unused otherwise).
+  """
+  del config
+  flat = _flat(params)
+  paths = target_kernel_paths(params, lora)
+  keys = jax.random.split(rng, max(len(paths), 1))
+  a_init = _a_init(lora)
+  for key, path in zip(keys, paths):
+    kernel = flat[path]
+    d_in, d_out = kernel.shape
+    if lora.rank > min(d_in, d_out):
+      raise ValueError(f"lora.rank={lora.rank} exceeds min(in, out)={min(d_in, d_out)} of "
+                       f"{path_str(path)}")
+    mod = path[:-1]
+    if lora.init == "pissa":
+      u, s, vt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+      root = jnp.sqrt(s[:lora.rank] / lora.scale)
+      a = u[:, :lora.rank] * root
+      b = root[:, None] * vt[:lora.rank]
+      flat[path] = (kernel.astype(jnp.float32) - lora.scale * (a @ b)).astype(kernel.dtype)
+    else:
+      a = a_init(key, (d_in, lora.rank), jnp.float32)
+      b = jnp.zeros((lora.rank, d_out), jnp.float32)
+    flat[mod + ("lora_a",)] = a.astype(kernel.dtype)
+    flat[mod + ("lora_b",)] = b.astype(kernel.dtype)
+  return _unflat(flat)
+
+
+def has_lora(params: Mapping) -> bool:
+  return any(p[-1] in LORA_LEAVES for p in _flat(params))
+
+
+def merge_lora(params: Mapping, lora: LoraConfig) -> dict:
+  """W <- W + scale * A B for every adapted kernel; the LoRA leaves are removed."""
+  flat = _flat(params)
+  out = {p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}
+  for p, a in flat.items():
+    if p[-1] != "lora_a":
+      continue
+    mod = p[:-1]
+    kernel, b = flat[mod + ("kernel",)], flat[mod + ("lora_b",)]
+    delta = lora.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    out[mod + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+  return _unflat(out)
+
+
+def unmerge_lora(merged: Mapping, lora_params: Mapping, lora: LoraConfig) -> dict:
+  """Inverse of `merge_lora`: W <- W - scale * A B and the LoRA leaves put back.
+
+  `lora_params` is any tree holding the `lora_a` / `lora_b` leaves (e.g. the trainable subtree).
+  """
+  flat = _flat(merged)
+  for p, leaf in _flat(lora_params).items():
+    if p[-1] in LORA_LEAVES:
+      flat[p] = leaf
+  for p in list(flat):
+    if p[-1] != "lora_a":
+      continue
+    mod = p[:-1]
+    kernel = flat[mod + ("kernel",)]
+    delta = lora.scale * (flat[p].astype(jnp.float32) @ flat[mod + ("lora_b",)].astype(jnp.float32))
+    flat[mod + ("kernel",)] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+  return _unflat(flat)
+
+
+def trainable_labels(params: Mapping, lora: LoraConfig | None = None, *,
+                     frozen_patterns: Iterable[str] = ()) -> dict:
+  """Pytree of "trainable" / "frozen" strings with the structure of `params`.
+
+  With a LoraConfig only LoRA leaves train. Without one (full finetuning) every leaf trains except
+  those whose "/"-joined path matches a regex in `frozen_patterns` (e.g. "embed_tokens").
+  """
+  patterns = [re.compile(p) for p in frozen_patterns]
+  flat = _flat(params)
+  if lora is not None and not any(p[-1] in LORA_LEAVES for p in flat):
+    raise ValueError("trainable_labels: a LoraConfig was given but params have no LoRA leaves; "
+                     "call add_lora first")
+
+  def label(path):
+    if lora is not None:
+      return TRAINABLE if path[-1] in LORA_LEAVES else FROZEN
+    s = path_str(path)
+    return FROZEN if any(p.search(s) for p in patterns) else TRAINABLE
+
+  return _unflat({p: label(p) for p in flat})
+
+
+def split_params(params: Mapping, labels: Mapping) -> tuple[dict, dict]:
+  """(trainable, frozen): two nested dicts holding disjoint leaves of `params`."""
+  flat, flat_labels = _flat(params), _flat(labels)
+  trainable = {p: v for p, v in flat.items() if flat_labels[p] == TRAINABLE}
+  frozen = {p: v for p, v in flat.items() if flat_labels[p] != TRAINABLE}
+  return _unflat(trainable), _unflat(frozen)
+
+
+def combine_params(*trees: Mapping) -> dict:
+  """Inverse of `split_params`: the union of disjoint nested dicts."""
+  flat: dict = {}
+  for tree in trees:
+    for p, v in _flat(tree).items():
+      if p in flat:
+        raise ValueError(f"combine_params: leaf {path_str(p)} appears twice")
+      flat[p] = v
+  return _unflat(flat)
+
+
+def optax_mask(tx: optax.GradientTransformation, labels: Mapping) -> optax.GradientTransformation:
+  """`tx` on trainable leaves, zero updates (and no state) for frozen ones."""
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays or `ShapeDtypeStruct`s."""
+  return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def lora_subtree(params: Mapping) -> dict:
+  """Only the LoRA leaves of `params`."""
+  return _unflat({p: v for p, v in _flat(params).items() if p[-1] in LORA_LEAVES})

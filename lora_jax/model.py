@@ -1,0 +1,275 @@
+"""A Flax Linen Llama: RMSNorm, RoPE (default / linear / llama3), GQA attention, SwiGLU MLP.
+
+Parameter tree (HF names, Linen [in, out] kernels; every leaf has logical axis names):
+
+  embed_tokens/embedding                      [V, D]   (vocab, embed)
+  layers_{i}/input_layernorm/scale            [D]      (embed,)
+  layers_{i}/self_attn/{q,k,v,o}_proj/kernel  [D, H*Dh] / [D, K*Dh] / [H*Dh, D]
+  layers_{i}/post_attention_layernorm/scale   [D]
+  layers_{i}/mlp/{gate,up,down}_proj/kernel   [D, F] / [D, F] / [F, D]
+  norm/scale                                  [D]
+  lm_head/kernel                              [D, V]   (absent with tied embeddings)
+
+LoRA leaves (`lora_a` [in, R], `lora_b` [R, out]) sit beside the kernels they adapt; see lora.py.
+
+`Llama(config, lora).apply({"params": p}, tokens_BL, positions_BL, segment_ids_BL)` returns
+logits [B, L, V]. With `kv_cache=` it also returns the updated cache (see `init_kv_cache`).
+Segment id 0 marks padding; tokens attend only to earlier tokens of the same segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.config import LlamaConfig
+from lora_jax.lora import LoraConfig, LoraDense
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [Dh/2] with HF's scaling rules (computed in float64, returned f32)."""
+  dh = config.dh
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  scaling = config.rope_scaling or {}
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif rope_type == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    inv_freq = np.where(is_medium, smoothed, scaled)
+  # HF computes inv_freq in float32 from float32 exponents; match it.
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BLHD: Array, positions_BL: Array, inv_freq: np.ndarray) -> Array:
+  """Rotary embedding in HF's "rotate_half" convention (first / second half of each head)."""
+  angles_BLd = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  angles_BLD = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BLD), jnp.sin(angles_BLD)
+  x = x_BLHD.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BLHD.dtype)
+
+
+# --------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: Array) -> Array:
+    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                         (x_BLD.shape[-1],), self.param_dtype)
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the input dtype before multiplying by the weight.
+    return (x.astype(self.dtype) * scale_D.astype(self.dtype))
+
+
+def _dense(name: str, features: int, axes: tuple[str, str], cfg: LlamaConfig,
+           lora: LoraConfig | None) -> LoraDense:
+  return LoraDense(features=features, kernel_axes=axes, lora=lora,
+                   dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                   name=name)
+
+
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer key/value buffers for incremental decoding.
+
+  k/v: tuple over layers of [B, S, K, Dh]; segment_ids_BS: 0 for empty or padded slots;
+  index: scalar int32, the next slot to write (shared by all rows; prompts are left-padded).
+  """
+  k: tuple
+  v: tuple
+  segment_ids_BS: Array
+  index: Array
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "segment_ids_BS", "index"],
+                                 meta_fields=[])
+
+
+def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (batch, max_len, config.num_key_value_heads, config.dh)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in zeros),
+                 segment_ids_BS=jnp.zeros((batch, max_len), jnp.int32),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def attention_mask(q_segment_BL: Array, kv_segment_BS: Array, q_slot_BL: Array,
+                   kv_slot_S: Array) -> Array:
+  """Boolean [B, 1, L, S]: causal by slot, same non-zero segment."""
+  causal = q_slot_BL[:, :, None] >= kv_slot_S[None, None, :]
+  same = (q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
+  return (causal & same)[:, None, :, :]
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, mask_B1LS, deterministic, layer_cache=None):
+    cfg = self.config
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dh
+    B, L, _ = x_BLD.shape
+    q = _dense("q_proj", H * Dh, ("embed", "heads"), cfg, self.lora)(x_BLD, deterministic)
+    k = _dense("k_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)(x_BLD, deterministic)
+    v = _dense("v_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)(x_BLD, deterministic)
+    inv_freq = rope_inv_freq(cfg)
+    q_BLHD = apply_rope(q.reshape(B, L, H, Dh), positions_BL, inv_freq)
+    k_BLKD = apply_rope(k.reshape(B, L, K, Dh), positions_BL, inv_freq)
+    v_BLKD = v.reshape(B, L, K, Dh)
+    new_cache = None
+    if layer_cache is not None:
+      k_cache, v_cache, index = layer_cache
+      k_BSKD = jax.lax.dynamic_update_slice(k_cache, k_BLKD.astype(k_cache.dtype), (0, index, 0, 0))
+      v_BSKD = jax.lax.dynamic_update_slice(v_cache, v_BLKD.astype(v_cache.dtype), (0, index, 0, 0))
+      new_cache = (k_BSKD, v_BSKD)
+      k_BLKD, v_BLKD = k_BSKD.astype(q_BLHD.dtype), v_BSKD.astype(q_BLHD.dtype)
+    out_BLHD = jax.nn.dot_product_attention(
+        q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, scale=1.0 / math.sqrt(Dh),
+        implementation=cfg.attention_impl)
+    out = _dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)(
+        out_BLHD.reshape(B, L, H * Dh), deterministic)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x_BLD, deterministic):
+    cfg = self.config
+    gate = _dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
+    up = _dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
+    down = _dense("down_proj", cfg.hidden_size, ("mlp", "embed"), cfg, self.lora)
+    h_BLF = nn.silu(gate(x_BLD, deterministic)) * up(x_BLD, deterministic)
+    return down(h_BLF, deterministic)
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, mask_B1LS, deterministic, layer_cache=None):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype),  # noqa: E731
+                                jnp.dtype(cfg.param_dtype), name=name)
+    attn_out, new_cache = Attention(cfg, self.lora, name="self_attn")(
+        norm("input_layernorm")(x_BLD), positions_BL, mask_B1LS, deterministic, layer_cache)
+    x_BLD = x_BLD + attn_out
+    x_BLD = x_BLD + MLP(cfg, self.lora, name="mlp")(
+        norm("post_attention_layernorm")(x_BLD), deterministic)
+    return x_BLD, new_cache
+
+
+class Llama(nn.Module):
+  """Llama decoder; `lora` adds LoRA branches to the targeted projections."""
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True,
+               kv_cache: KVCache | None = None):
+    cfg = self.config
+    B, L = tokens_BL.shape
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                     param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(0.02), ("vocab", "embed")),
+                     name="embed_tokens")
+    x_BLD = embed(tokens_BL)
+
+    if kv_cache is None:
+      slots_L = jnp.arange(L, dtype=jnp.int32)
+      mask = attention_mask(segment_ids_BL, segment_ids_BL,
+                            jnp.broadcast_to(slots_L, (B, L)), slots_L)
+      cache_seg_BS = None
+    else:
+      index = kv_cache.index
+      cache_seg_BS = jax.lax.dynamic_update_slice(kv_cache.segment_ids_BS,
+                                                  segment_ids_BL.astype(jnp.int32), (0, index))
+      S = cache_seg_BS.shape[1]
+      q_slots_BL = jnp.broadcast_to(index + jnp.arange(L, dtype=jnp.int32), (B, L))
+      mask = attention_mask(segment_ids_BL, cache_seg_BS, q_slots_BL,
+                            jnp.arange(S, dtype=jnp.int32))
+
+    layer_cls = DecoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(4,))
+    new_k, new_v = [], []
+    for i in range(cfg.num_hidden_layers):
+      layer_cache = None
+      if kv_cache is not None:
+        layer_cache = (kv_cache.k[i], kv_cache.v[i], kv_cache.index)
+      x_BLD, c = layer_cls(cfg, self.lora, name=f"layers_{i}")(
+          x_BLD, positions_BL, mask, deterministic, layer_cache)
+      if c is not None:
+        new_k.append(c[0])
+        new_v.append(c[1])
+
+    x_BLD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                    name="norm")(x_BLD)
+    if cfg.tie_word_embeddings:
+      logits_BLV = embed.attend(x_BLD)
+    else:
+      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                            param_dtype=jnp.dtype(cfg.param_dtype),
+                            kernel_init=nn.with_logical_partitioning(
+                                nn.initializers.normal(0.02), ("embed", "vocab")),
+                            name="lm_head")(x_BLD)
+    if kv_cache is None:
+      return logits_BLV
+    return logits_BLV, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids_BS=cache_seg_BS,
+                               index=kv_cache.index + L)
+
+
+# --------------------------------------------------------------------------- helpers
+def _dummy_tokens():
+  return jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: LlamaConfig, rng: Array, lora: LoraConfig | None = None) -> dict:
+  """Random parameters as a plain (unboxed) pytree of arrays."""
+  variables = Llama(config, lora).init(rng, _dummy_tokens())
+  return nn.unbox(variables["params"])
+
+
+def param_shapes(config: LlamaConfig, lora: LoraConfig | None = None) -> dict:
+  """`jax.ShapeDtypeStruct` pytree of the parameters, without allocating anything."""
+  return jax.eval_shape(lambda r: init_params(config, r, lora), jax.random.key(0))
+
+
+def param_logical_axes(config: LlamaConfig, lora: LoraConfig | None = None) -> dict:
+  """Pytree (same structure as the params) of logical axis-name tuples."""
+  boxed = jax.eval_shape(lambda r: Llama(config, lora).init(r, _dummy_tokens()),
+                         jax.random.key(0))["params"]
+  return nn.get_partition_spec(boxed)
