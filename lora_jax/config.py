@@ -136,8 +136,9 @@ def _first(x):
 
 
 PRESETS: dict[str, LlamaConfig] = {
-    # Small enough for unit tests on one CPU core: GQA (4 query heads, 2 kv heads).
-    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176,
+    # Small enough for unit tests on one CPU core: GQA (4 query heads, 2 kv heads); the vocab
+    # covers the byte tokenizer (259 ids).
+    "tiny": LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=512, rms_norm_eps=1e-5),
     "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
