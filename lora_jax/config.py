@@ -39,6 +39,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialize each decoder layer in the backward pass
   attention_impl: str | None = None  # None (auto), "xla" or "cudnn"
+  attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:

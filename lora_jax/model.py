@@ -148,12 +148,28 @@ class Attention(nn.Module):
       v_BSKD = jax.lax.dynamic_update_slice(v_cache, v_BLKD.astype(v_cache.dtype), (0, index, 0, 0))
       new_cache = (k_BSKD, v_BSKD)
       k_BLKD, v_BLKD = k_BSKD.astype(q_BLHD.dtype), v_BSKD.astype(q_BLHD.dtype)
-    out_BLHD = jax.nn.dot_product_attention(
-        q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, scale=1.0 / math.sqrt(Dh),
-        implementation=cfg.attention_impl)
+    if cfg.attention_dropout > 0 and not deterministic:
+      out_BLHD = self._attention_with_dropout(q_BLHD, k_BLKD, v_BLKD, mask_B1LS)
+    else:
+      out_BLHD = jax.nn.dot_product_attention(
+          q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, scale=1.0 / math.sqrt(Dh),
+          implementation=cfg.attention_impl)
     out = _dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)(
         out_BLHD.reshape(B, L, H * Dh), deterministic)
     return out, new_cache
+
+
+  def _attention_with_dropout(self, q_BLHD, k_BSKD, v_BSKD, mask_B1LS):
+    """Explicit softmax attention with dropout on the probabilities (GQA by head groups)."""
+    B, L, H, Dh = q_BLHD.shape
+    K = k_BSKD.shape[2]
+    q_BLKGD = q_BLHD.reshape(B, L, K, H // K, Dh)
+    logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD).astype(jnp.float32)
+    logits = jnp.where(mask_B1LS[:, :, None], logits / math.sqrt(Dh), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.config.attention_dropout)(probs, deterministic=False)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v_BSKD.dtype), v_BSKD)
+    return out.reshape(B, L, H, Dh)
 
 
 class MLP(nn.Module):

@@ -151,3 +151,16 @@ def test_hf_config_round_trip():
   assert LlamaConfig.from_hf(new_style) == cfg
   with pytest.raises(ValueError, match="num_key_value_heads"):
     LlamaConfig(num_attention_heads=6, num_key_value_heads=4, hidden_size=48)
+
+
+def test_attention_dropout_path(params):
+  t = _tokens((2, 5))
+  ref = Llama(CFG).apply({"params": params}, t)
+  rngs = {"dropout": jax.random.key(1)}
+  near_zero = CFG.replace(attention_dropout=1e-9)  # explicit-softmax path, nothing dropped
+  np.testing.assert_allclose(
+      Llama(near_zero).apply({"params": params}, t, deterministic=False, rngs=rngs), ref, atol=1e-5)
+  heavy = CFG.replace(attention_dropout=0.3)
+  assert not np.allclose(
+      Llama(heavy).apply({"params": params}, t, deterministic=False, rngs=rngs), ref, atol=1e-3)
+  np.testing.assert_array_equal(Llama(heavy).apply({"params": params}, t), ref)  # eval: off
