@@ -1,0 +1,65 @@
+"""Math CPT: Llama-2-7B continued-pretrained on OpenWebMath (14.7B tokens, repeated to 20B).
+
+Paper values: seq 4096, global batch 192 (786,432 tokens per step), inverse-sqrt schedule with
+1000 warmup batches and a linear cooldown over the last 20%, decoupled LionW (0.9, 0.95), clip
+1.0; LR full FT 1e-5, LoRA 4e-5. One run per method goes to 20B tokens and keeps the
+checkpoints at 0.25, 0.5, 1, 2, 4, 8, 10, 16 and 20B tokens (CHECKPOINT_TOKENS).
+OpenWebMath has 14.7B tokens: the data loader repeats it to reach the budget.
+
+  lora-jax sweep --config configs/paper/math_cpt.py --dry-run --variant method=lora,rank=256
+  lora-jax sweep --config configs/paper/math_cpt.py --dry-run
+"""
+
+import importlib.util
+import pathlib
+
+
+def _load_common():
+  path = pathlib.Path(__file__).with_name("common.py")
+  spec = importlib.util.spec_from_file_location("_lora_jax_paper_common", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _load_common()
+
+NAME = "math_cpt"
+KIND = "cpt"
+DATA = {
+    # Prepared from the HF dataset open-web-math/open-web-math as parquet shards under
+    # {data_root}/ (text field "text"); see launch/prepare_data.py.
+    "hf_dataset": "open-web-math/open-web-math",
+    "source": "parquet",
+    "path": "open-web-math/*.parquet",
+    "text_field": "text",
+}
+SEQ_LEN = 4096
+GLOBAL_BATCH = 192
+LR = {"full": 1e-5, "lora": 4e-5}
+WARMUP_STEPS = 1000
+TOKEN_BUDGET = 20e9
+CHECKPOINT_TOKENS = (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 10e9, 16e9, 20e9)
+CHECKPOINT_EVERY = 500  # steps, for resuming (~1 h on a v5p-64); 25,432 steps in all
+LR_SEARCH_BUDGET = {"tokens": 2e9}  # our choice: LR search at 2B tokens
+LR_GRID = {"full": (5e-6, 1e-5, 2e-5, 5e-5), "lora": (1e-5, 2e-5, 4e-5, 1e-4)}
+
+# Evaluation after training (lora-jax eval), per the paper's protocol.
+EVAL = {
+    "gsm8k": {"shots": 5, "decoding": "greedy", "match": "strict (number after '#### ')"},
+    "forgetting": {"tasks": {"hellaswag": 0, "arc_challenge": 3, "winogrande": 5},
+                   "scoring": "length-normalized log-likelihood"},
+}
+
+
+def get_config(arg=None):
+  return common.build(common.regime(globals()), arg)
+
+
+def run_name(arg=None):
+  return common.run_name(common.regime(globals()), common.parse_variant(arg))
+
+
+def get_sweep():
+  """Group -> list of `get_config` variant strings (see configs/paper/common.py)."""
+  return common.standard_sweep(common.regime(globals()))

@@ -1,0 +1,177 @@
+"""configs/paper/*: every run of every sweep loads and validates; the paper's values are encoded."""
+
+import json
+import math
+import os
+
+import pytest
+
+from lora_jax import run_config, sweep
+from lora_jax.config import PRESETS
+
+PAPER = os.path.join(os.path.dirname(__file__), "..", "configs", "paper")
+REGIMES = ("code_cpt", "math_cpt", "code_ift", "math_ift")
+
+
+def path_of(regime):
+  return os.path.join(PAPER, f"{regime}.py")
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+  """A stand-in for the Llama-2-7b-hf directory (validation only checks config.json)."""
+  root = tmp_path_factory.mktemp("models")
+  hf = root / "Llama-2-7b-hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps(PRESETS["llama2_7b"].to_hf()))
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def modules():
+  return {r: sweep.load_module(path_of(r)) for r in REGIMES}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_default_variant_loads_as_the_train_cli_does(regime, model_root):
+  cfg = run_config.load_config(path_of(regime), [f"model.hf_path={model_root}/Llama-2-7b-hf"])
+  run_config.validate_config(cfg)
+  run_config.validate_config(cfg, num_devices=32)  # e.g. a v5p-64 slice: 32 chips, FSDP
+  assert cfg.model.preset == "llama2_7b"
+  assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
+  assert cfg.mesh.fsdp == -1 and cfg.mesh.data == 1
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_every_sweep_run_validates(regime, modules, model_root):
+  groups = list(sweep.sweep_groups(modules[regime]))
+  runs = sweep.expand_sweep(path_of(regime), groups, params={"model_root": model_root})
+  assert len(runs) >= 20
+  not_yet = []  # attention dropout may still be refused by the trainer (model support pending)
+  for run in runs:
+    try:
+      sweep.validate_runs([run], num_devices=32)
+    except run_config.ConfigError as e:
+      if e.key == "model.attention_dropout":
+        not_yet.append(run.name)
+      else:
+        raise
+  assert all("adrop" in n for n in not_yet)
+
+
+def test_shared_optimizer_lora_and_dtype_values(modules):
+  for regime, m in modules.items():
+    for variant in ("rank=16", "rank=64", "rank=256", "method=full"):
+      c = m.get_config(variant)
+      assert (c.optimizer.name, c.optimizer.b1, c.optimizer.b2) == ("lionw", 0.9, 0.95), regime
+      assert c.optimizer.weight_decay == 0.0 and c.optimizer.grad_clip == 1.0
+      assert c.model.attention_dropout == 0.0
+      if variant == "method=full":
+        assert not c.lora.enabled
+        continue
+      assert c.lora.enabled and c.lora.alpha == 2 * c.lora.rank  # alpha = 2r
+      assert c.lora.dropout == 0.05 and c.lora.targets == "all" and not c.lora.use_rslora
+    assert m.get_config("targets=attention").lora.targets == "attention"
+    assert m.get_config("targets=mlp").lora.targets == "mlp"
+
+
+@pytest.mark.parametrize("regime,full,lora16,lora64,lora256", [
+    ("code_cpt", 1e-5, 1e-5, 1e-5, 1e-5),
+    ("math_cpt", 1e-5, 4e-5, 4e-5, 4e-5),
+    ("code_ift", 5e-5, 2e-4, 2e-4, 1e-4),
+    ("math_ift", 1e-5, 1e-4, 1e-4, 5e-5),
+])
+def test_learning_rates_follow_the_paper_table(modules, regime, full, lora16, lora64, lora256):
+  m = modules[regime]
+  assert m.get_config("method=full").optimizer.lr == full
+  assert m.get_config("rank=16").optimizer.lr == lora16
+  assert m.get_config("rank=64").optimizer.lr == lora64
+  assert m.get_config("rank=256").optimizer.lr == lora256
+  assert m.get_config("rank=256,lr=3e-4").optimizer.lr == 3e-4  # explicit lr wins
+
+
+def test_batch_and_sequence_length(modules):
+  for regime in ("code_cpt", "math_cpt", "code_ift"):
+    c = modules[regime].get_config()
+    assert (c.train.global_batch, c.train.seq_len) == (192, 4096), regime
+  c = modules["math_ift"].get_config()
+  assert (c.train.global_batch, c.train.seq_len) == (768, 1024)
+
+
+def test_cpt_schedule_budget_and_checkpoints(modules):
+  for regime in ("code_cpt", "math_cpt"):
+    m = modules[regime]
+    c = m.get_config()
+    assert c.data.regime == "cpt" and c.data.pack
+    assert c.schedule.name == "inv_sqrt_with_warmup"
+    assert c.schedule.warmup_steps == 1000 and c.schedule.warmup_fraction == 0.0
+    assert c.schedule.cooldown_fraction == 0.2
+    assert c.train.token_budget == 20_000_000_000 and not c.train.epochs
+    assert m.CHECKPOINT_TOKENS == (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 10e9, 16e9, 20e9)
+    steps = m.common.checkpoint_steps(m.common.regime(vars(m)))
+    assert steps[0] == math.ceil(0.25e9 / (192 * 4096)) == 318
+    assert steps[-1] == 25432 and steps == sorted(steps)
+    assert m.get_config("tokens=4e9").train.token_budget == 4_000_000_000
+
+
+def test_ift_schedule_and_epochs(modules):
+  for regime in ("code_ift", "math_ift"):
+    m = modules[regime]
+    c = m.get_config("epochs=4")
+    assert c.data.regime == "ift" and not c.data.pack  # one padded sample per row
+    assert c.schedule.name == "cosine_with_warmup"
+    assert c.schedule.warmup_fraction == 0.1 and c.schedule.alpha_f == 0.01
+    assert c.train.epochs == 4.0 and not c.train.token_budget
+    assert m.EPOCHS == (1, 2, 4, 8, 16)
+    assert m.get_config("pack=true").data.pack
+
+
+def test_data_sources_and_tokenizer(modules):
+  expected = {"code_cpt": ("parquet", "content", "bigcode/starcoderdata"),
+              "math_cpt": ("parquet", "text", "open-web-math/open-web-math"),
+              "code_ift": ("jsonl", "text", "ise-uiuc/Magicoder-Evol-Instruct-110K"),
+              "math_ift": ("jsonl", "text", "meta-math/MetaMathQA")}
+  for regime, (source, field, hf) in expected.items():
+    m = modules[regime]
+    c = m.get_config("data_root=gs://bucket/data,model_root=/mnt/models")
+    assert c.data.source == source and c.data.text_field == field
+    assert m.DATA["hf_dataset"].startswith(hf)
+    assert c.data.path.startswith("gs://bucket/data/")
+    assert c.model.hf_path == "/mnt/models/Llama-2-7b-hf"
+    assert c.data.tokenizer == "/mnt/models/Llama-2-7b-hf/tokenizer.model"
+  assert modules["code_ift"].get_config().data.format == "magicoder"
+  assert modules["math_ift"].get_config().data.format == "metamath"
+
+
+def test_eval_settings(modules):
+  for regime in ("code_cpt", "code_ift"):
+    he = modules[regime].EVAL["humaneval"]
+    assert (he["n_samples"], he["temperature"], he["top_p"]) == (50, 0.2, 0.95)
+    assert modules[regime].get_config().eval.tasks == "humaneval,forgetting"
+  for regime in ("math_cpt", "math_ift"):
+    assert modules[regime].EVAL["gsm8k"]["shots"] == 5
+    assert modules[regime].get_config().eval.tasks == "gsm8k,forgetting"
+  for m in modules.values():
+    assert m.EVAL["forgetting"]["tasks"] == {"hellaswag": 0, "arc_challenge": 3, "winogrande": 5}
+
+
+def test_bad_variants_name_the_key(modules):
+  m = modules["code_ift"]
+  with pytest.raises(ValueError, match="rnak"):
+    m.get_config("rnak=16")
+  with pytest.raises(ValueError, match="rank"):
+    m.get_config("rank=sixteen")
+  with pytest.raises(ValueError, match="method"):
+    m.get_config("method=qlora")
+  with pytest.raises(ValueError, match="targets"):
+    m.get_config("targets=embeddings")
+
+
+def test_run_names_are_readable_and_distinct(modules):
+  m = modules["code_ift"]
+  assert m.run_name("rank=256,epochs=4") == "code_ift-lora-r256-lr1e-4-ep4"
+  assert m.run_name("method=full,wd=1e-4,epochs=2") == "code_ift-full-lr5e-5-wd1e-4-ep2"
+  assert m.get_config("rank=64,epochs=8,out=gs://b/runs").output_dir == (
+      "gs://b/runs/code_ift/code_ift-lora-r64-lr2e-4-ep8")
+  assert modules["code_cpt"].run_name("method=full") == "code_cpt-full-lr1e-5-20B"
+  assert modules["math_cpt"].run_name("tokens=2.5e8") == "math_cpt-lora-r16-lr4e-5-250M"
