@@ -1,0 +1,82 @@
+"""Reading and writing analysis results: `spectra.npz` + `analysis.json`, written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from lora_jax.analysis.analyze import Analysis
+
+SPECTRA_FILE = "spectra.npz"
+ANALYSIS_FILE = "analysis.json"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(x: Any):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+  return x
+
+
+def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -> dict[str, str]:
+  """Writes `spectra.npz` (all singular values) and `analysis.json` (meta, summary, per-matrix
+  rows) into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **analysis.spectra)
+  paths = {"spectra": os.path.join(out_dir, SPECTRA_FILE),
+           "analysis": os.path.join(out_dir, ANALYSIS_FILE)}
+  atomic_write_bytes(paths["spectra"], buf.getvalue())
+  doc = {"meta": analysis.meta, "summary": analysis.summary(), "rows": analysis.rows}
+  if extra:
+    doc.update(extra)
+  atomic_write_text(paths["analysis"], json.dumps(_jsonable(doc), indent=1) + "\n")
+  return paths
+
+
+def load_analysis(path: str) -> Analysis:
+  """Reads a directory written by `save_analysis` (spectra are optional)."""
+  with open(os.path.join(path, ANALYSIS_FILE)) as f:
+    doc = json.load(f)
+  spec_path = os.path.join(path, SPECTRA_FILE)
+  spectra = {}
+  if os.path.exists(spec_path):
+    with np.load(spec_path) as z:
+      spectra = {k: z[k] for k in z.files}
+  meta = dict(doc["meta"])
+  for k, v in doc.items():
+    if k not in ("meta", "summary", "rows"):
+      meta.setdefault(k, v)
+  return Analysis(doc["rows"], spectra, meta)
