@@ -197,10 +197,11 @@ def local_program() -> list[str]:
   return [sys.executable, "-m", "lora_jax.cli", "train"]
 
 
-def run_sequentially(runs: Sequence[Run], *, call: Callable[[list[str]], int] = subprocess.call,
+def run_sequentially(runs: Sequence[Run], *, call: Callable[[list[str]], int] | None = None,
                      keep_going: bool = False, log: Callable[[str], None] = print) -> int:
   """Runs each training run in its own process, in order; 0 if all succeeded. A run that was
   preempted or killed resumes from its output_dir when the sweep is started again."""
+  call = call or subprocess.call
   failed = []
   for i, run in enumerate(runs, 1):
     log(f"[{i}/{len(runs)}] {run.name}")
