@@ -254,8 +254,11 @@ class ArrayRecordSource(_MultiFile):
     counts = []
     for p in paths:
       reader = self._open(p)
-      counts.append(reader.num_records())
-      reader.close()
+      try:
+        counts.append(reader.num_records())
+        reader.close()
+      except Exception as e:  # some corruptions only surface here
+        raise DataError(p, f"not a readable ArrayRecord file ({e})") from e
     keep = _nonempty(paths, counts, skip, "records")
     super().__init__([paths[i] for i in keep], [counts[i] for i in keep], skip)
     self._readers: dict[int, Any] = {}
