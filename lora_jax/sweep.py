@@ -139,12 +139,14 @@ def _name(module, variant: str, index: int) -> str:
 
 def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
                  variants: Iterable[str] | None = None, params: dict[str, str] | None = None,
-                 match: str | None = None) -> list[Run]:
+                 match: str | None = None, extra: Iterable[str] = ()) -> list[Run]:
   """The runs of `groups` (default: the file's DEFAULT_GROUPS, else "main") of the sweep in
   `config_path`, or of the explicit `variants`. `params` are variant keys set on every run
   (e.g. {"data_root": "gs://b/data"}); runs that become identical collapse into one. `match` is
-  a regex on run names."""
+  a regex on run names. `extra` are raw "key=value" config overrides added to every run (e.g.
+  "train.microbatches=4"), checked against the schema."""
   module = load_module(config_path)
+  extra = _check_extra(extra)
   params = dict(params or {})
   if variants is not None:
     todo = [("variant", v) for v in variants]
@@ -167,6 +169,7 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
     cfg = module.get_config(variant)
     overrides = config_overrides(base, cfg)
     overrides["output_dir"] = cfg.output_dir  # always explicit: launchers and logs read it
+    overrides.update(extra)
     run = Run(name=name, overrides=overrides, config_path=config_path, group=group,
               variant=variant)
     if name in seen:
@@ -177,6 +180,19 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
     seen[name] = run
     runs.append(run)
   return runs
+
+
+def _check_extra(extra: Iterable[str]) -> dict[str, str]:
+  out: dict[str, str] = {}
+  probe = run_config.default_config()
+  for item in extra:
+    item = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in item:
+      raise run_config.ConfigError(item, "override must look like key=value")
+    key, text = item.split("=", 1)
+    run_config.apply_override(probe, key, text)  # unknown key or bad type: ConfigError
+    out[key] = text
+  return out
 
 
 def validate_runs(runs: Iterable[Run], **validate_kwargs) -> None:

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="run exactly this get_config variant instead of groups (repeatable)")
   p.add_argument("--set", action="append", default=[], metavar="K=V,...", dest="set_params",
                  help="variant keys set on every run, e.g. data_root=gs://b/data,out=gs://b/runs")
+  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                 help="raw config override for every run, e.g. train.microbatches=4 (repeatable)")
   p.add_argument("--filter", default=None, metavar="REGEX", help="keep runs whose name matches")
   p.add_argument("--dry-run", action="store_true", help="list runs and commands; run nothing")
   p.add_argument("--json", action="store_true",
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
       return 0
     groups = [g for g in args.groups.split(",") if g] or None
     runs = sweep.expand_sweep(args.config, groups, variants=args.variant,
-                              params=sweep.parse_params(args.set_params), match=args.filter)
+                              params=sweep.parse_params(args.set_params), match=args.filter,
+                              extra=args.override)
   except (ValueError, FileNotFoundError) as e:
     print(f"lora-jax sweep: {e}", file=sys.stderr)
     return 2
