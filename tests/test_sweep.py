@@ -185,3 +185,21 @@ def test_cli_without_dry_run_runs_each(tiny_config, monkeypatch, capsys):
   assert [a[a.index("--config") + 1] for a in seen] == [tiny_config, tiny_config]
   assert ["--config.lora.rank=4" in a for a in seen] == [True, False]
   assert "launch/tpu.py" in capsys.readouterr().err  # CPU-only here: the hint is printed
+
+
+def test_commands_parse_in_the_train_cli(tmp_path, capsys):
+  """The printed commands are accepted by `lora-jax train` as they are (via --print-config)."""
+  from lora_jax.config import PRESETS
+  hf = tmp_path / "Llama-2-7b-hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps(PRESETS["llama2_7b"].to_hf()))
+  runs = sweep.expand_sweep(paper("code_ift"), variants=["rank=256,epochs=4,wd=1e-4"],
+                            params={"model_root": str(tmp_path)},
+                            extra=["train.microbatches=4"])
+  argv = runs[0].argv()
+  assert argv[:2] == ["lora-jax", "train"]
+  assert cli.main(argv[1:] + ["--print-config"]) == 0
+  printed = capsys.readouterr().out
+  for line in ("rank: 256", "alpha: 512.0", "lr: 0.0001", "weight_decay: 0.0001",
+               "microbatches: 4", "epochs: 4.0"):
+    assert line in printed
