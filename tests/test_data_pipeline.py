@@ -157,3 +157,24 @@ def test_too_little_data_for_one_batch():
   it = make_batch_iterator(_cfg(synthetic_docs=2), TOK, seq_len=512, batch_size=8, seed=0)
   with pytest.raises(DataError, match="fewer than one global batch"):
     it.batches_per_epoch
+
+
+@pytest.mark.slow  # starting grain worker processes (which import jax) takes seconds
+def test_worker_process_matches_serial_stream_and_resumes():
+  cfg = _cfg(synthetic_docs=40, num_workers=1)
+  kw = dict(seq_len=64, batch_size=2, seed=3)
+  it = make_batch_iterator(cfg, TOK, **kw)
+  try:
+    _take(it, 4)
+    state = json.dumps(it.get_state())
+    want = _take(it, 3)
+  finally:
+    it.close()
+  fresh = make_batch_iterator(cfg, TOK, **kw)
+  try:
+    fresh.set_state(state)
+    assert _same(_take(fresh, 3), want)
+  finally:
+    fresh.close()
+  serial = _take(make_batch_iterator(_cfg(synthetic_docs=40), TOK, **kw), 7)
+  assert _same(serial[4:], want)

@@ -24,22 +24,27 @@ _ITEM = ("apples", "books", "coins", "shells", "stamps")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+def _pick(options, r: int):
+  return options[int(r) % len(options)]
+
+
 def _cpt_text(rng: np.random.Generator) -> str:
+  n = int(rng.integers(1, 13))
+  draws = rng.integers(0, 1 << 30, size=(n, 6))  # one RNG call per document (speed)
   lines = []
-  for _ in range(int(rng.integers(1, 13))):
-    if rng.random() < 0.5:
-      a, b = (int(x) for x in rng.integers(0, 100, size=2))
-      op = str(rng.choice(list(_OPS)))
+  for d in draws:
+    if d[0] % 2:
+      a, b, op = int(d[1] % 100), int(d[2] % 100), _pick(tuple(_OPS), d[3])
       lines.append(f"{a} {op} {b} = {_OPS[op](a, b)}")
     else:
-      w = [str(rng.choice(v)) for v in (_ADJ, _NOUN, _VERB, _ADJ, _NOUN)]
+      w = [_pick(v, x) for v, x in zip((_ADJ, _NOUN, _VERB, _ADJ, _NOUN), d[1:])]
       lines.append(f"The {w[0]} {w[1]} {w[2]} the {w[3]} {w[4]}.")
   return "\n".join(lines)
 
 
 def _metamath(rng: np.random.Generator) -> dict:
-  name, item = str(rng.choice(_NAME)), str(rng.choice(_ITEM))
-  a, b = (int(x) for x in rng.integers(1, 50, size=2))
+  d = rng.integers(0, 1 << 30, size=4)
+  name, item, a, b = _pick(_NAME, d[0]), _pick(_ITEM, d[1]), int(d[2] % 49 + 1), int(d[3] % 49 + 1)
   return {
       "query": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
       "response": f"{name} starts with {a} {item} and gets {b} more, so {name} has "
@@ -48,8 +53,8 @@ def _metamath(rng: np.random.Generator) -> dict:
 
 
 def _magicoder(rng: np.random.Generator) -> dict:
-  op = str(rng.choice(list(_OPS)))
-  k = int(rng.integers(1, 10))
+  d = rng.integers(0, 1 << 30, size=2)
+  op, k = _pick(tuple(_OPS), d[0]), int(d[1] % 9 + 1)
   fname = {"+": "add", "-": "sub", "*": "mul"}[op] + f"_{k}"
   return {
       "instruction": f"Write a Python function `{fname}(x)` that returns x {op} {k}.",
@@ -58,12 +63,13 @@ def _magicoder(rng: np.random.Generator) -> dict:
 
 
 def _chat(rng: np.random.Generator) -> dict:
-  a, b, d = (int(x) for x in rng.integers(1, 30, size=3))
-  op = str(rng.choice(list(_OPS)))
+  r = rng.integers(0, 1 << 30, size=5)
+  a, b, d = (int(x % 29 + 1) for x in r[:3])
+  op = _pick(tuple(_OPS), r[3])
   c = _OPS[op](a, b)
   msgs = [{"role": "user", "content": f"What is {a} {op} {b}?"},
           {"role": "assistant", "content": f"{a} {op} {b} = {c}."}]
-  if rng.random() < 0.5:
+  if r[4] % 2:
     msgs += [{"role": "user", "content": f"Now add {d}."},
              {"role": "assistant", "content": f"{c} + {d} = {c + d}."}]
   return {"messages": msgs}
