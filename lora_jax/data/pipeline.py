@@ -183,7 +183,8 @@ class BatchIterator:
 
   @property
   def batches_per_epoch(self) -> int:
-    """Global batches (batch_size * process_count rows) in one epoch; computed once, lazily."""
+    """Global batches (batch_size * process_count rows) in one epoch, rounded down (0 when an
+    epoch is smaller than one global batch); computed once, lazily."""
     if self._batches_per_epoch is None:
       rows, stats = 0, dict.fromkeys(STAT_KEYS, 0)
       for shard in range(self.process_count):
@@ -196,10 +197,9 @@ class BatchIterator:
         log.warning("%d of %d samples per epoch are longer than seq_len=%d and were truncated",
                     stats["truncated"], stats["documents"], self.seq_len)
       global_batch = self.batch_size * self.process_count
-      if rows < global_batch:
-        raise DataError("data.path", f"one epoch packs into {rows} rows of seq_len={self.seq_len}"
-                        f", fewer than one global batch ({global_batch}); add data or lower "
-                        "the batch size")
+      if rows < global_batch:  # 0: a step-count run still works; an epoch-count run cannot
+        log.warning("data.path: one epoch packs into %d rows of seq_len=%d, fewer than one "
+                    "global batch (%d): batches_per_epoch is 0", rows, self.seq_len, global_batch)
       self._batches_per_epoch = rows // global_batch
     return self._batches_per_epoch
 
