@@ -162,3 +162,40 @@ def test_layer_batching_does_not_change_results(tiny):
   with pytest.raises(ValueError, match="unknown module"):
     analysis.parse_modules("q_proj,lm_head")
   assert analysis.parse_modules("mlp,q_proj") == ("q_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_cli_on_hf_dirs_and_peft_adapter(tiny, lora_model, tmp_path, capsys):
+  from lora_jax.cli import main
+  from lora_jax.interop.hf import save_hf
+  from lora_jax.interop.peft import save_peft
+  config, base = tiny
+  lora, params = lora_model
+  base_dir = save_hf(str(tmp_path / "base"), config, base)
+  rng = np.random.default_rng(7)
+  ft = _perturb(base, lambda x: x + np.float32(0.01) * rng.standard_normal(x.shape).astype(np.float32))
+  ft_dir = save_hf(str(tmp_path / "ft"), config, ft)
+  out = str(tmp_path / "out")
+  rc = main(["analyze", "--base", base_dir, "--finetuned", ft_dir, "--modules", "q_proj,down_proj",
+             "--intruders", "--random-n", "64", "--quiet", "--out", out])
+  assert rc == 0
+  assert sorted(os.listdir(out)) == ["analysis.json", "intruders.png", "rank_by_layer.png",
+                                     "spectra.npz", "spectra.png"]
+  got = analysis.load_analysis(out)
+  want = analysis.analyze(base, ft, modules=MODULES, progress=False)
+  np.testing.assert_allclose(got.spectra["down_proj.delta"], want.spectra["down_proj.delta"],
+                             rtol=1e-5, atol=1e-7)
+  assert got.meta["random_baseline"]["shape"] == [64, 64]
+  assert "q_proj" in capsys.readouterr().out
+  # a PEFT adapter written by the interop helper, on the HF base
+  adapter = save_peft(str(tmp_path / "adapter"), config, lora, params)
+  out2 = str(tmp_path / "out2")
+  assert main(["analyze", "--base", base_dir, "--finetuned", adapter, "--modules", "q_proj",
+               "--no-plots", "--random-n", "0", "--quiet", "--out", out2]) == 0
+  got2 = analysis.load_analysis(out2)
+  assert {r["delta_from"] for r in got2.rows} == {"factors"}
+  want2 = analysis.analyze(base, params, finetuned_lora=lora, modules="q_proj", progress=False)
+  np.testing.assert_allclose(got2.spectra["q_proj.delta"], want2.spectra["q_proj.delta"], rtol=1e-5)
+  assert sorted(os.listdir(out2)) == ["analysis.json", "spectra.npz"]
+  # errors are reported, not raised
+  assert main(["analyze", "--base", base_dir, "--finetuned", adapter, "--modules", "lm_head",
+               "--quiet", "--out", out2]) == 2

@@ -6,7 +6,8 @@
 """
 
 from lora_jax.analysis.analyze import Analysis, analyze, parse_modules
-from lora_jax.analysis.baseline import marchenko_pastur_rank_fraction, random_baseline
+from lora_jax.analysis.baseline import (attach_random_baseline, marchenko_pastur_rank_fraction,
+                                        random_baseline)
 from lora_jax.analysis.intruders import count_intruders, intruder_dimensions, max_cosine_stacked
 from lora_jax.analysis.io import load_analysis, save_analysis
 from lora_jax.analysis.sources import (HFSource, ParamsSource, PeftSource, WeightSource,
@@ -16,7 +17,8 @@ from lora_jax.analysis.spectra import (effective_rank, explained_variance, facto
                                        relative_norm, singular_values, singular_values_stacked)
 
 __all__ = [
-    "Analysis", "analyze", "parse_modules", "marchenko_pastur_rank_fraction", "random_baseline",
+    "Analysis", "analyze", "parse_modules", "attach_random_baseline",
+    "marchenko_pastur_rank_fraction", "random_baseline",
     "count_intruders", "intruder_dimensions", "max_cosine_stacked", "load_analysis",
     "save_analysis", "HFSource", "ParamsSource", "PeftSource", "WeightSource", "open_source",
     "effective_rank", "explained_variance", "factor_svd", "normalized_spectrum", "pair_spectra",

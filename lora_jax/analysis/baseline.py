@@ -59,3 +59,13 @@ def random_baseline(n: int = 1000, m: int | None = None, c: float = 1.0, p: floa
   return {"shape": [n, m], "c": float(c), "variance": float(p), "rank_A": int(ranks[0]),
           "rank_A_plus_cB": int(ranks[1]), "rank_fraction_A": float(ranks[0] / k),
           "mp_expected_rank": float(expected), "spectrum_A": s[0], "spectrum_A_plus_cB": s[1]}
+
+
+def attach_random_baseline(analysis, n: int = 1000, c: float = 1.0, seed: int = 0):
+  """Stores `random_baseline` at the analysis's variance in `analysis.meta["random_baseline"]`
+  and its spectra as `analysis.spectra["random.A"]` / `["random.A_plus_cB"]`; returns analysis."""
+  out = random_baseline(n=n, c=c, p=analysis.meta["variance"], seed=seed)
+  analysis.spectra["random.A"] = out.pop("spectrum_A")
+  analysis.spectra["random.A_plus_cB"] = out.pop("spectrum_A_plus_cB")
+  analysis.meta["random_baseline"] = dict(out, seed=seed)
+  return analysis
