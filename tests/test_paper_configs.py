@@ -107,6 +107,8 @@ def test_cpt_schedule_budget_and_checkpoints(modules):
     assert steps[0] == math.ceil(0.25e9 / (192 * 4096)) == 318
     assert steps[-1] == 25432 and steps == sorted(steps)
     assert m.get_config("tokens=4e9").train.token_budget == 4_000_000_000
+    if "keep_steps" in run_config.default_config().train:  # the schema's milestone key
+      assert c.train.keep_steps == ",".join(str(s) for s in steps)
 
 
 def test_ift_schedule_and_epochs(modules):
@@ -118,6 +120,8 @@ def test_ift_schedule_and_epochs(modules):
     assert c.schedule.warmup_fraction == 0.1 and c.schedule.alpha_f == 0.01
     assert c.train.epochs == 4.0 and not c.train.token_budget
     assert m.EPOCHS == (1, 2, 4, 8, 16)
+    if "keep_steps" in run_config.default_config().train:
+      assert c.train.keep_steps == ""  # IFT: one run per epoch count, exported at the end
     assert m.get_config("pack=true").data.pack
 
 

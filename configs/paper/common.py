@@ -245,18 +245,9 @@ def build(regime: Any, arg: str | None = None):
 
 
 def _set_keep_points(c, regime) -> None:
-  """CPT: keep the paper's token checkpoints if the schema has a key for explicit steps."""
-  if regime.KIND != "cpt":
-    return
-  for key in ("keep_steps", "checkpoint_steps"):
-    if key in c.train:
-      steps = checkpoint_steps(regime)
-      current = c.train[key]
-      if isinstance(current, str):
-        c.train[key] = ",".join(str(s) for s in steps)
-      else:
-        c.train[key] = tuple(steps)
-      return
+  """CPT: never delete the checkpoints at the paper's token milestones (train.keep_steps)."""
+  if regime.KIND == "cpt" and "keep_steps" in c.train:  # the key is new in the schema
+    c.train.keep_steps = ",".join(str(s) for s in checkpoint_steps(regime))
 
 
 # ------------------------------------------------------------------------------ sweeps
