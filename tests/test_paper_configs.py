@@ -164,6 +164,10 @@ def test_bad_variants_name_the_key(modules):
     m.get_config("method=qlora")
   with pytest.raises(ValueError, match="targets"):
     m.get_config("targets=embeddings")
+  with pytest.raises(ValueError, match="epochs"):
+    m.get_config("tokens=1e9")  # IFT length is in epochs
+  with pytest.raises(ValueError, match="tokens"):
+    modules["code_cpt"].get_config("epochs=2")  # CPT length is in tokens
 
 
 def test_run_names_are_readable_and_distinct(modules):

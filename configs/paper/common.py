@@ -1,6 +1,6 @@
 """What the four paper regimes share: Llama-2-7B, decoupled LionW, LoRA alpha = 2r, the variant
 string, run names and sweep grids. Each regime file (code_cpt.py, math_cpt.py, code_ift.py,
-math_ift.py) holds only its own table values and calls `build` / `sweep` from here.
+math_ift.py) holds only its own table values and calls `build` / `standard_sweep` here.
 
 Config files are loaded by path (ml_collections `config_flags` style), so this module is not a
 package import: each regime file loads it by path, next to itself.
@@ -172,6 +172,11 @@ def checkpoint_steps(regime: Any) -> list[int]:
 def build(regime: Any, arg: str | None = None):
   """The run config of `regime` (a regime config module) for the variant string `arg`."""
   p = parse_variant(arg)
+  if regime.KIND == "cpt" and (p["epochs"] is not None or p["pack"]):
+    raise ValueError(f"{regime.NAME} is continued pretraining: set its length with tokens=..., "
+                     "not epochs=...; CPT data is always packed")
+  if regime.KIND == "ift" and p["tokens"] is not None:
+    raise ValueError(f"{regime.NAME} is instruction finetuning: set its length with epochs=...")
   c = default_config()
   c.lock()  # a misspelt key fails here instead of adding a new one
   c.seed = p["seed"]
