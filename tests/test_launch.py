@@ -14,7 +14,8 @@ LAUNCH = os.path.join(ROOT, "launch")
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(f"_launch_{name}", os.path.join(LAUNCH, f"{name}.py"))
+  path = os.path.join(LAUNCH, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_launch_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -83,7 +84,8 @@ def test_tpu_queued_resource(capsys):
   assert "--node-id=q" in create and "--runtime-version=v2-alpha-tpuv5" in create
   assert "--spot" in create and "--accelerator-type=v5p-128" in create
   assert any("queued-resources describe q" in c for c in cmds)
-  assert cmds[-1] == "gcloud compute tpus queued-resources delete q --zone=us-east5-a --force --quiet"
+  assert cmds[-1] == ("gcloud compute tpus queued-resources delete q --zone=us-east5-a "
+                      "--force --quiet")
   with pytest.raises(SystemExit):
     tpu.main(["create", "--name", "q", "--zone", "z", "--queued", "--preemptible", "--dry-run"])
 

@@ -78,13 +78,15 @@ def test_explicit_variants_and_filter():
   assert [r.name for r in runs] == ["math_ift-lora-r256-lr5e-5-ep2", "math_ift-full-lr1e-5-ep16"]
   assert runs[0].overrides["optimizer.lr"] == 5e-5
   only = sweep.expand_sweep(paper("code_ift"), ["main"], match=r"r256.*ep(1|16)$")
-  assert [r.name for r in only] == ["code_ift-lora-r256-lr1e-4-ep1", "code_ift-lora-r256-lr1e-4-ep16"]
+  assert [r.name for r in only] == ["code_ift-lora-r256-lr1e-4-ep1",
+                                    "code_ift-lora-r256-lr1e-4-ep16"]
 
 
 def test_default_run_still_names_its_output_dir():
   runs = sweep.expand_sweep(paper("code_cpt"), variants=[""])
   assert runs[0].overrides == {"output_dir": "runs/code_cpt/code_cpt-lora-r16-lr1e-5-20B"}
-  assert runs[0].command().endswith("--config.output_dir=runs/code_cpt/code_cpt-lora-r16-lr1e-5-20B")
+  assert runs[0].command().endswith(
+      "--config.output_dir=runs/code_cpt/code_cpt-lora-r16-lr1e-5-20B")
 
 
 def test_format_value_round_trips_through_apply_override():
