@@ -1,0 +1,216 @@
+"""Hostile programs: each must be reported failed / timed out, and leave no trace.
+
+Every program is "attack + a wrong solution", so a run that looks passed means the attack faked
+success. After the suite (run in parallel, under load) we check: the evaluator is alive, no
+sandbox process is left (per-run uid or marker), no run directory is left, the sentinel tree
+(world-writable, outside the sandbox) is unchanged, nothing was written to /tmp, /var/tmp,
+/dev/shm, the evaluator's cwd or $HOME, and the local listener saw no connection.
+
+Checks that depend on an OS protection (read-only mounts, network namespace, ...) are asserted
+only where `sandbox_info()` reports the protection as active; the test output says which.
+`LORA_JAX_SANDBOX_REPEATS` sets how often the slow test repeats the suite (default 100).
+"""
+
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+
+import pytest
+
+from lora_jax.evals import sandbox
+
+WRONG = ("\n\ndef add(a, b):\n  return a - b\n\n"
+         "def check(candidate):\n  assert candidate(2, 3) == 5\n\ncheck(add)\n")
+
+
+def hostile_programs(ctx):
+  """[(name, source)]; `ctx` holds paths/ports the attacks aim at."""
+  c = ctx
+  progs = {
+      "infinite_loop": "while True:\n  pass\n",
+      "ignore_sigterm_loop": ("import signal\n"
+                              "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+                              "  signal.signal(s, signal.SIG_IGN)\nwhile True:\n  pass\n"),
+      "fork_bomb": ("import os\nwhile True:\n  try:\n    os.fork()\n  except OSError:\n    pass\n"),
+      "memory_bomb": "x = []\nwhile True:\n  x.append(bytearray(64 << 20))\n" + WRONG,
+      "read_dev_zero": "data = open('/dev/zero', 'rb').read()\n" + WRONG,
+      "read_huge": "data = open('/dev/urandom', 'rb').read(1 << 40)\n" + WRONG,
+      "kill_parent": "import os\nos.kill(os.getppid(), 9)\n" + WRONG,
+      "killpg_0": "import os\nos.killpg(0, 9)\n" + WRONG,
+      "kill_evaluator": (f"import os, signal\nfor s in (signal.SIGSTOP, signal.SIGKILL):\n"
+                         f"  try:\n    os.kill({c['eval_pid']}, s)\n  except OSError:\n    pass\n"
+                         + WRONG),
+      "kill_everything": "import os\nos.kill(-1, 9)\n" + WRONG,
+      "self_stop": "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\n" + WRONG,
+      "write_eval_cwd": f"open({os.path.join(c['cwd'], 'pwned')!r}, 'w').write('x')\n" + WRONG,
+      "write_home": f"open({os.path.join(c['home'], 'pwned')!r}, 'w').write('x')\n" + WRONG,
+      "write_tmp": (f"for d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+                    f"  try:\n    open(d + '/{c['token']}', 'w').write('x')\n"
+                    f"  except OSError:\n    pass\n" + WRONG),
+      "write_package_dir": (f"import os\nopen(os.path.join({c['pkg']!r}, 'pwned.py'), 'w')"
+                            f".write('x')\n" + WRONG),
+      "symlink_escape": (f"import os\nos.symlink({c['sentinel']!r}, 'link')\n"
+                         f"open('link/pwned', 'w').write('x')\n" + WRONG),
+      "rmtree_sentinel": (f"import os, shutil\n"
+                          f"for f in os.listdir({c['sentinel']!r}):\n"
+                          f"  try:\n    os.remove(os.path.join({c['sentinel']!r}, f))\n"
+                          f"  except OSError:\n    pass\n"
+                          f"shutil.rmtree({c['sentinel']!r})\n" + WRONG),
+      "socket_connect": (f"import socket\ns = socket.create_connection(('127.0.0.1', {c['port']}),"
+                         f" timeout=1)\ns.sendall(b'pwned')\n" + WRONG),
+      "sys_exit_0": "import sys\nsys.exit(0)\n" + WRONG,
+      "os_exit_0": "import os\nos._exit(0)\n" + WRONG,
+      "patch_builtins": ("import atexit, builtins, os, sys\n"
+                         "class Fake(Exception):\n  pass\n"
+                         "builtins.AssertionError = Fake\n"
+                         "builtins.print = lambda *a, **k: None\n"
+                         "sys.excepthook = lambda *a: os._exit(0)\n"
+                         "atexit.register(lambda: os._exit(0))\n" + WRONG),
+      "fake_nonce": ("import os\nfor fd in range(3, 64):\n  try:\n"
+                     "    os.write(fd, b'P ' + b'0' * 32 + b'\\n')\n  except OSError:\n    pass\n"
+                     "print('P ' + '0' * 32)\nos._exit(0)\n"),
+      "huge_stdout": "import sys\nwhile True:\n  sys.stdout.write('x' * 65536)\n",
+      "close_std_fds": "import os\nos.close(1)\nos.close(2)\n" + WRONG,
+      "thread_outlives": (f"import threading, time\ndef bg():\n  time.sleep(0.3)\n"
+                          f"  open({os.path.join(c['sentinel'], 'from_thread')!r}, 'w')\n"
+                          f"threading.Thread(target=bg).start()\n" + WRONG),
+      "daemon_grandchild": (f"import os, sys, time\n"
+                            f"if os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0:\n"
+                            f"    os.execve(sys.executable, [sys.executable, '-c', "
+                            f"'import time\\nwhile True: time.sleep(0.05)\\n# {c['token']}'], {{}})\n"
+                            f"  os._exit(0)\ntime.sleep(0.2)\n" + WRONG),
+      "deep_recursion": ("import sys\nsys.setrecursionlimit(10 ** 8)\n"
+                         "def f(n):\n  return f(n + 1)\nf(0)\n" + WRONG),
+      "ctypes_segfault": "import ctypes\nctypes.string_at(0)\n" + WRONG,
+      "fill_disk": "with open('big', 'wb') as f:\n  while True:\n    f.write(b'0' * (1 << 20))\n",
+      "chmod_trap": ("import os\nos.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\n"
+                     "for d in ('a/b/c', 'a/b', 'a', '.'):\n  os.chmod(d, 0)\n" + WRONG),
+      "setuid_root": "import os\nos.setuid(0)\n" + WRONG,
+  }
+  info = sandbox.sandbox_info()
+  if not (info["uid_switch"] or info["pid_ns"]):
+    # Without another uid or PID namespace these would hit the test runner itself.
+    for name in ("kill_evaluator", "kill_everything"):
+      progs.pop(name)
+  return sorted(progs.items())
+
+
+def _tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    h.update(root.encode())
+    for f in sorted(files):
+      h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+  return h.hexdigest()
+
+
+def _cmdlines_with(token):
+  hits = []
+  for pid in os.listdir("/proc"):
+    if pid.isdigit():
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          if token.encode() in f.read():
+            hits.append(int(pid))
+      except OSError:
+        pass
+  return hits
+
+
+@pytest.fixture()
+def ctx():
+  base = tempfile.mkdtemp(prefix="lora_jax_hostile_")
+  os.chmod(base, 0o755)
+  sentinel, cwd, home = (os.path.join(base, d) for d in ("sentinel", "cwd", "home"))
+  for d in (sentinel, cwd, home):
+    os.makedirs(d)
+    os.chmod(d, 0o777)  # world-writable: only the sandbox (not file permissions) protects it
+  for i in range(3):
+    p = os.path.join(sentinel, f"keep{i}.txt")
+    with open(p, "w") as f:
+      f.write(f"sentinel {i}\n")
+    os.chmod(p, 0o666)
+  tmp_root = os.path.join(base, "runs")
+  os.makedirs(tmp_root)
+  os.chmod(tmp_root, 0o711)
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(8)
+  listener.setblocking(False)
+  old_cwd, old_home = os.getcwd(), os.environ.get("HOME")
+  os.chdir(cwd)
+  os.environ["HOME"] = home
+  token = "lora_jax_hostile_" + secrets.token_hex(6)
+  c = {"base": base, "sentinel": sentinel, "cwd": cwd, "home": home, "tmp_root": tmp_root,
+       "port": listener.getsockname()[1], "token": token, "eval_pid": os.getpid(),
+       "pkg": os.path.dirname(sandbox.__file__), "listener": listener}
+  try:
+    yield c
+  finally:
+    os.chdir(old_cwd)
+    if old_home is None:
+      os.environ.pop("HOME", None)
+    else:
+      os.environ["HOME"] = old_home
+    listener.close()
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+      p = os.path.join(d, token)
+      if os.path.exists(p):
+        os.remove(p)
+    for p in (os.path.join(c["pkg"], "pwned.py"),):
+      if os.path.exists(p):
+        os.remove(p)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_suite(c, repeats=1, workers=4):
+  progs = hostile_programs(c)
+  before = _tree_digest(c["sentinel"])
+  listing = {d: set(os.listdir(d)) for d in (c["cwd"], c["home"], c["pkg"])}
+  t0 = time.monotonic()
+  results = sandbox.run_many([src for _, src in progs] * repeats, workers=workers,
+                             timeout_s=1.5, memory_mb=512, max_procs=16, file_size_mb=8,
+                             output_limit=4096, tmp_root=c["tmp_root"])
+  elapsed = time.monotonic() - t0
+  info = sandbox.sandbox_info()
+  names = [n for n, _ in progs] * repeats
+  for name, r in zip(names, results):
+    assert r.status in ("failed", "timed_out"), (name, r)
+    assert len(r.stdout) <= 4096 + 64 and len(r.stderr) <= 4096 + 64, name
+  # Nothing left running, nothing left on disk.
+  assert sandbox.sandbox_processes() == []
+  assert _cmdlines_with(c["token"]) == []
+  assert os.listdir(c["tmp_root"]) == []
+  protected = {"fs": info["readonly_fs"], "net": info["net_ns"]}
+  if protected["fs"]:
+    assert _tree_digest(c["sentinel"]) == before
+    for d, names_before in listing.items():
+      assert set(os.listdir(d)) == names_before, d
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+      assert not os.path.exists(os.path.join(d, c["token"])), d
+  if protected["net"]:
+    with pytest.raises(BlockingIOError):
+      c["listener"].accept()
+  by_name = dict(zip(names, results))
+  for name in ("infinite_loop", "ignore_sigterm_loop", "huge_stdout"):
+    assert by_name[name].status == "timed_out", (name, by_name[name])
+  return elapsed, len(progs), protected
+
+
+def test_hostile_suite(ctx):
+  elapsed, n, protected = run_suite(ctx, repeats=1, workers=4)
+  assert n >= 15
+  print(f"\nhostile suite: {n} programs in {elapsed:.1f}s, protections {protected}")
+
+
+@pytest.mark.slow
+def test_hostile_suite_repeated(ctx):
+  repeats = int(os.environ.get("LORA_JAX_SANDBOX_REPEATS", "100"))
+  elapsed, n, _ = run_suite(ctx, repeats=repeats, workers=4)
+  print(f"\nhostile suite x{repeats}: {n * repeats} runs in {elapsed:.1f}s "
+        f"({elapsed / repeats:.2f}s per repetition)")
