@@ -124,6 +124,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
   if args.sweep and command:
     raise SystemExit("give either --sweep CONFIG or a command after --, not both")
   if not args.sweep:
+    if args.bucket:
+      raise SystemExit("--bucket applies to --sweep runs; with an explicit command, name gs:// "
+                       "paths in it and use --stage for models and data")
     if not command:
       raise SystemExit("no job: give --sweep CONFIG or a command after -- (e.g. -- lora-jax "
                        "train --config configs/paper/code_ift.py)")

@@ -106,6 +106,8 @@ def test_tpu_sweep_with_bucket_stages_and_writes_to_gcs(capsys):
   assert "gs://B/models/Llama-2-7b-hf /tmp/lora-jax/models/Llama-2-7b-hf" in out
   with pytest.raises(SystemExit, match="either --sweep"):
     tpu.main(["up", "--name", "s", "--zone", "z", "--sweep", config, "--dry-run", *TRAIN])
+  with pytest.raises(SystemExit, match="--bucket applies to --sweep"):
+    tpu.main(["up", "--name", "s", "--zone", "z", "--bucket", "gs://B", "--dry-run", *TRAIN])
   with pytest.raises(SystemExit, match="no job"):
     tpu.main(["up", "--name", "s", "--zone", "z", "--dry-run"])
 
