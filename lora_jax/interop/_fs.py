@@ -80,3 +80,10 @@ def read_json(path: str, what: str) -> dict:
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
   return obj
+
+
+def listed(items: list[str], limit: int = 20) -> str:
+  """Items as indented lines for an error message, the first `limit` of them."""
+  shown = items[:limit]
+  more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+  return "".join(f"\n    {s}" for s in shown) + more

@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.config import LlamaConfig
-from lora_jax.interop._fs import atomic_dir, read_json, write_json
+from lora_jax.interop._fs import atomic_dir, listed, read_json, write_json
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +38,6 @@ SUPPORTED_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
 _DTYPE_TAGS = {v: k for k, v in SUPPORTED_DTYPES.items()}
 # HF buffers that are not parameters (older checkpoints saved RoPE's inv_freq).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_MAX_LISTED = 20
 
 _PROJ_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+_proj)\.weight$")
 _NORM_RE = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
@@ -95,12 +94,6 @@ def is_transposed(path: tuple[str, ...]) -> bool:
 
 def _linen_shape(path, hf_shape) -> tuple[int, ...]:
   return tuple(reversed(hf_shape)) if path is not None and is_transposed(path) else tuple(hf_shape)
-
-
-def _listed(items: list[str]) -> str:
-  shown = items[:_MAX_LISTED]
-  more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-  return "".join(f"\n    {s}" for s in shown) + more
 
 
 # --------------------------------------------------------------------------- reading
@@ -199,7 +192,7 @@ class HFTensors(Mapping):
         continue
       self._entries[k] = (os.path.join(self.directory, name),) + headers[name][k]
     if errors:
-      raise ValueError(f"{index}: inconsistent sharded checkpoint:{_listed(errors)}")
+      raise ValueError(f"{index}: inconsistent sharded checkpoint:{listed(errors)}")
 
   # Mapping interface
   def _hf_key(self, key) -> str:
@@ -320,7 +313,7 @@ def load_hf(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict]:
               ("shape mismatches", mismatched),
               (f"unsupported dtypes (supported: {sorted(SUPPORTED_DTYPES)})", bad_dtypes)]
   if any(items for _, items in sections):
-    msg = "".join(f"\n  {title} ({len(items)}):{_listed(items)}" for title, items in sections if items)
+    msg = "".join(f"\n  {title} ({len(items)}):{listed(items)}" for title, items in sections if items)
     raise ValueError(f"{where}: does not match a Llama with this config:{msg}")
 
   cast = _dtype_or_none(dtype)
@@ -377,7 +370,7 @@ def _check_params(config: LlamaConfig, flat: dict, what: str) -> None:
               ("shape mismatches", mismatched),
               ("unsupported dtypes (use float32, float16 or bfloat16)", bad_dtypes)]
   if any(items for _, items in sections):
-    msg = "".join(f"\n  {t} ({len(i)}):{_listed(i)}" for t, i in sections if i)
+    msg = "".join(f"\n  {t} ({len(i)}):{listed(i)}" for t, i in sections if i)
     raise ValueError(f"{what}: params do not match the config:{msg}")
 
 

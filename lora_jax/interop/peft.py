@@ -24,8 +24,8 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.config import LlamaConfig
-from lora_jax.interop._fs import atomic_dir, read_json, write_json
-from lora_jax.interop.hf import SUPPORTED_DTYPES, _listed, read_header, read_tensor
+from lora_jax.interop._fs import atomic_dir, listed, read_json, write_json
+from lora_jax.interop.hf import SUPPORTED_DTYPES, read_header, read_tensor
 from lora_jax.lora import (ALL_MODULES, ATTENTION_MODULES, LORA_LEAVES, MLP_MODULES,
                            LoraConfig)
 
@@ -133,7 +133,7 @@ def save_peft(path: str, config: LlamaConfig, lora_config: LoraConfig, params: M
     errors.append(f"LoRA leaves outside lora_config.targets={list(lora_config.targets)}: "
                   + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
   if errors:
-    raise ValueError(f"{where}: params do not match lora_config:{_listed(errors)}")
+    raise ValueError(f"{where}: params do not match lora_config:{listed(errors)}")
   from safetensors.numpy import save_file
   with atomic_dir(path, ADAPTER_CONFIG) as tmp:
     write_json(os.path.join(tmp, ADAPTER_CONFIG),
@@ -282,7 +282,7 @@ def load_peft(path: str, config: LlamaConfig, params: Mapping,
               ("rank mismatches", rank_errors), ("shape mismatches", shape_errors),
               (f"unsupported dtypes (supported: {sorted(SUPPORTED_DTYPES)})", dtype_errors)]
   if any(items for _, items in sections):
-    msg = "".join(f"\n  {t} ({len(i)}):{_listed(i)}" for t, i in sections if i)
+    msg = "".join(f"\n  {t} ({len(i)}):{listed(i)}" for t, i in sections if i)
     raise ValueError(f"{file}: adapter does not fit this model (target_modules="
                      f"{list(lora.target_modules)}, r={r}):{msg}")
   cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
