@@ -44,7 +44,8 @@ def test_estimate_and_table():
   assert set(table) == {1, 10}  # k=100 > n is dropped
   mean, stderr = table[1]
   assert mean == pytest.approx(0.5) and stderr == pytest.approx(0.5 / math.sqrt(3))
-  assert table[10] == (pytest.approx(2 / 3), pytest.approx(np.std([0, 1, 1], ddof=1) / math.sqrt(3)))
+  want_stderr = np.std([0, 1, 1], ddof=1) / math.sqrt(3)
+  assert table[10] == (pytest.approx(2 / 3), pytest.approx(want_stderr))
   assert passk.valid_ks([50, 20], (1, 10, 100, 10)) == [1, 10]
   with pytest.raises(ValueError):
     passk.estimate_pass_at_k([10, 10], [1], 1)

@@ -40,7 +40,7 @@ def test_verdicts(tmp_root):
       ("assert 1 == 2, 'nope'\n", "failed", "failed: AssertionError: nope"),
       ("raise ValueError('bad')\n", "failed", "failed: ValueError: bad"),
       ("import sys\nsys.exit(0)\n", "failed", "failed: SystemExit: 0"),
-      ("import os\nos._exit(0)\n", "failed", "failed: exited with code 0 before the tests finished"),
+      ("import os\nos._exit(0)\n", "failed", "failed: exited with code 0 before the tests"),
       ("def f(:\n", "failed", "failed: SyntaxError"),
       ("", "passed", "passed"),
   ]

@@ -81,7 +81,8 @@ def hostile_programs(ctx):
       "daemon_grandchild": (f"import os, sys, time\n"
                             f"if os.fork() == 0:\n  os.setsid()\n  if os.fork() == 0:\n"
                             f"    os.execve(sys.executable, [sys.executable, '-c', "
-                            f"'import time\\nwhile True: time.sleep(0.05)\\n# {c['token']}'], {{}})\n"
+                            f"'import time\\nwhile True: time.sleep(0.05)\\n# {c['token']}'],"
+                            f" {{}})\n"
                             f"  os._exit(0)\ntime.sleep(0.2)\n" + WRONG),
       "deep_recursion": ("import sys\nsys.setrecursionlimit(10 ** 8)\n"
                          "def f(n):\n  return f(n + 1)\nf(0)\n" + WRONG),

@@ -83,17 +83,23 @@ def _other_can_use(path: str) -> bool:
   """Whether a uid with no group in common could execute `path` (all parents o+x, file o+rx)."""
   real = os.path.realpath(path)
   try:
-    if (os.stat(real).st_mode & 0o005) != 0o005:
-      return False
-    d = os.path.dirname(real)
-    while True:
-      if not os.stat(d).st_mode & stat.S_IXOTH:
-        return False
-      if d == os.path.dirname(d):
-        return True
-      d = os.path.dirname(d)
+    return ((os.stat(real).st_mode & 0o005) == 0o005 and
+            _other_can_traverse(os.path.dirname(real)))
   except OSError:
     return False
+
+
+def _other_can_traverse(path: str) -> bool:
+  d = os.path.realpath(path)
+  while True:
+    try:
+      if not os.stat(d).st_mode & stat.S_IXOTH:
+        return False
+    except OSError:
+      return False
+    if d == os.path.dirname(d):
+      return True
+    d = os.path.dirname(d)
 
 
 def _python_candidates(python: str | None, uid_switch: bool) -> list[str]:
@@ -271,7 +277,7 @@ def sandbox_processes() -> list[int]:
 
 
 def _rmtree(path: str) -> None:
-  """Remove a run directory even if the program chmod-ed parts of it to 000 (never follows links)."""
+  """Remove a run dir even if the program chmod-ed parts of it to 000 (never follows links)."""
   def unlock(p):
     try:
       if stat.S_ISDIR(os.lstat(p).st_mode):
@@ -306,7 +312,9 @@ class _Capture:
 
   def text(self) -> str:
     s = self.data.decode("utf-8", errors="replace")
-    return s + (f"\n[... {self.total - len(self.data)} more bytes]" if self.total > self.limit else "")
+    if self.total > self.limit:
+      s += f"\n[... {self.total - len(self.data)} more bytes]"
+    return s
 
 
 def _exited(pid: int) -> bool:
@@ -323,10 +331,13 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
   token = secrets.token_hex(8)
   nonce = secrets.token_hex(16).encode()
   tmp_root = os.path.abspath(tmp_root or tempfile.gettempdir())
+  if plan["uid_switch"] and not _other_can_traverse(tmp_root):
+    raise SandboxError(f"tmp_root {tmp_root} must be traversable by other users (o+x on it and "
+                       "its parents): programs run under a separate uid")
   lease = _UidLease() if plan["uid_switch"] else None
-  rundir = tempfile.mkdtemp(prefix=RUN_PREFIX, dir=tmp_root)
-  pipes, proc, clean = [], None, False
+  pipes, proc, clean, rundir = [], None, False, None
   try:
+    rundir = tempfile.mkdtemp(prefix=RUN_PREFIX, dir=tmp_root)
     with open(os.path.join(rundir, "main.py"), "w", encoding="utf-8") as f:
       f.write(source)
     os.mkdir(os.path.join(rundir, "tmp"))
@@ -398,9 +409,12 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
     try:
-      _rmtree(rundir)
+      if rundir:
+        _rmtree(rundir)
     finally:
       if lease:
+        if not clean:
+          clean = _kill_uid(lease.uid)
         lease.release(clean)
 
 
@@ -523,10 +537,11 @@ def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
   """Run one program in the sandbox and say whether it ran to the end without an exception.
 
   `timeout_s` is the wall-clock limit (launcher start-up included); `cpu_s` the CPU-time rlimit
-  in seconds, rounded up (default: timeout_s rounded up, plus 1); `memory_mb` the address-space rlimit; `max_procs` the
-  process/thread rlimit (per-run uid when root, else on top of the user's current count);
-  `file_size_mb` the largest file it may write; `output_limit` bytes of stdout/stderr kept.
-  `tmp_root` is where the per-run directory is made (default: the system temp dir).
+  in seconds, rounded up (default: timeout_s rounded up, plus 1); `memory_mb` the address-space
+  rlimit; `max_procs` the process/thread rlimit (for the per-run uid when root, else on top of
+  the user's current count); `file_size_mb` the largest file it may write; `output_limit` the
+  bytes of stdout/stderr kept. `tmp_root` is where the per-run directory is made (default: the
+  system temp dir; it must be traversable by other users when the evaluator runs as root).
   """
   info = sandbox_info()
   plan = {"uid_switch": info["uid_switch"], "python": info["python"],

