@@ -22,9 +22,20 @@ DEFAULT_K = 10
 DEFAULT_EPS = 0.5
 
 
+def _output_vectors(w_MxN):
+  """(s [K], output-space singular vectors as rows [K, N]) of a Linen kernel [in, out]; wide
+  kernels go through their (tall) transpose, which is faster on CPU and gives the same space."""
+  w_MxN = w_MxN.astype(jnp.float32)
+  if w_MxN.shape[0] < w_MxN.shape[1]:
+    u_NxK, s_K, _ = jnp.linalg.svd(w_MxN.T, full_matrices=False)
+    return s_K, u_NxK.T
+  _, s_K, vh_KxN = jnp.linalg.svd(w_MxN, full_matrices=False)
+  return s_K, vh_KxN
+
+
 def _max_cos_k(base_MxN, ft_MxN, k: int):
-  _, _, vh_base_KxN = jnp.linalg.svd(base_MxN.astype(jnp.float32), full_matrices=False)
-  _, s_ft_K, vh_ft_KxN = jnp.linalg.svd(ft_MxN.astype(jnp.float32), full_matrices=False)
+  _, vh_base_KxN = _output_vectors(base_MxN)
+  s_ft_K, vh_ft_KxN = _output_vectors(ft_MxN)
   cos_KxC = jnp.abs(vh_base_KxN @ vh_ft_KxN[:k].T)  # rows are unit vectors: dot = cosine
   return jnp.max(cos_KxC, axis=0), s_ft_K[:k]
 
