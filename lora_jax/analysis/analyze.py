@@ -24,7 +24,7 @@ import numpy as np
 
 from lora_jax.analysis import intruders as intruders_lib
 from lora_jax.analysis import spectra
-from lora_jax.analysis.sources import PeftSource, WeightSource, open_source
+from lora_jax.analysis.sources import PeftSource, WeightSource, kernel_shape, open_source
 from lora_jax.lora import ALL_MODULES, SHORTHANDS, LoraConfig
 
 WHICH = ("base", "ft", "delta")
@@ -159,8 +159,11 @@ def analyze(base: Any, finetuned: Any, *, modules: str | Iterable[str] | None = 
     for module in mods:
       if bar is not None:
         bar.set_postfix_str(module)
-      shape = base_src.kernel(layer_list[0], module).shape if layer_batch is None else None
-      size = layer_batch or max(1, int(max_batch_bytes // (4 * shape[0] * shape[1])))
+      if layer_batch:
+        size = layer_batch
+      else:
+        m, n = kernel_shape(base_src, layer_list[0], module)
+        size = max(1, int(max_batch_bytes // (4 * m * n)))
       size = min(size, len(layer_list))
       for chunk in _batches(layer_list, size):
         rows_chunk, spec_chunk = _analyze_chunk(base_src, ft_src, module, chunk, size, variance,

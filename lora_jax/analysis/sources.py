@@ -70,6 +70,9 @@ class ParamsSource:
   def kernel(self, layer, module):
     return _f32(self._module(layer, module)["kernel"])
 
+  def shape(self, layer, module) -> tuple[int, int]:
+    return tuple(np.shape(self._module(layer, module)["kernel"]))
+
   def lora(self, layer, module):
     mod = self._module(layer, module)
     if "lora_a" not in mod:
@@ -95,8 +98,14 @@ class HFSource:
       self.num_layers = int(json.load(f)["num_hidden_layers"])
     self.tensors = open_hf_tensors(path)
 
+  def _key(self, layer, module):
+    return (f"layers_{layer}", module_group(module), module, "kernel")
+
   def kernel(self, layer, module):
-    return _f32(self.tensors[(f"layers_{layer}", module_group(module), module, "kernel")])
+    return _f32(self.tensors[self._key(layer, module)])
+
+  def shape(self, layer, module) -> tuple[int, int]:
+    return tuple(self.tensors.shape(self._key(layer, module)))  # header only, no read
 
   def lora(self, layer, module):
     return None
@@ -152,12 +161,22 @@ class PeftSource:
   def kernel(self, layer, module):
     return self.base.kernel(layer, module)
 
+  def shape(self, layer, module) -> tuple[int, int]:
+    return kernel_shape(self.base, layer, module)
+
   def lora(self, layer, module):
     f = self.factors.get((layer, module))
     if f is None:
       return None
     a_RxI, b_OxR = f["A"], f["B"]
     return a_RxI.T, b_OxR.T, self._scale(layer, module, a_RxI.shape[0])
+
+
+def kernel_shape(source: WeightSource, layer: int, module: str) -> tuple[int, int]:
+  """[in, out] of a kernel, from metadata when the source can (else by reading it)."""
+  if hasattr(source, "shape"):
+    return source.shape(layer, module)
+  return source.kernel(layer, module).shape
 
 
 def is_hf_dir(path: str) -> bool:
