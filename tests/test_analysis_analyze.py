@@ -199,3 +199,14 @@ def test_cli_on_hf_dirs_and_peft_adapter(tiny, lora_model, tmp_path, capsys):
   # errors are reported, not raised
   assert main(["analyze", "--base", base_dir, "--finetuned", adapter, "--modules", "lm_head",
                "--quiet", "--out", out2]) == 2
+
+
+def test_lora_jax_checkpoint(tiny, lora_model, tmp_path):
+  from lora_jax.interop.native import save_checkpoint
+  config, base = tiny
+  lora, params = lora_model
+  ckpt = save_checkpoint(str(tmp_path / "ckpt"), config, params, lora)
+  res = analysis.analyze(base, ckpt, modules="q_proj", progress=False)
+  want = analysis.analyze(base, params, finetuned_lora=lora, modules="q_proj", progress=False)
+  assert {r["delta_from"] for r in res.rows} == {"factors"}  # LoRA scale read from the checkpoint
+  np.testing.assert_allclose(res.spectra["q_proj.delta"], want.spectra["q_proj.delta"], rtol=1e-5)
