@@ -205,7 +205,9 @@ def _spectral(runs, out, random_n, random_seed, module, lines) -> None:
       counts[r.label] = (ls, [per_layer[l] for l in ls])
     plots.plot_intruders_by_layer(counts, os.path.join(out, FIG_DIR, "intruders.png"),
                                   k=cfg["k"] * len(modules), eps=cfg["eps"],
-                                  title="Intruder dimensions per layer (all modules)")
+                                  title="Intruder dimensions per layer (all modules)",
+                                  ylabel=f"intruders (top-{cfg['k']} of each of {len(modules)} "
+                                         f"modules, ε={cfg['eps']})")
     _figure(lines, f"{FIG_DIR}/intruders.png",
             f"Singular vectors among each matrix's top {cfg['k']} whose max |cos| with every base "
             f"singular vector is below ε={cfg['eps']} (Shuttleworth et al. 2024), summed over modules.")

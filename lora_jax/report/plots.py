@@ -151,7 +151,7 @@ def plot_learning_curves(curves_by_run: Mapping[str, tuple[Sequence[float], Sequ
 
 def plot_intruders_by_layer(counts_by_module: Mapping[str, tuple[Sequence[int], Sequence[int]]],
                             path: str, k: int = 10, eps: float = 0.5,
-                            title: str | None = None) -> str:
+                            title: str | None = None, ylabel: str | None = None) -> str:
   """Intruder dimensions among the top-k singular vectors per layer, a line per module type."""
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   for module, (layers, counts) in counts_by_module.items():
@@ -160,7 +160,7 @@ def plot_intruders_by_layer(counts_by_module: Mapping[str, tuple[Sequence[int], 
   ax.set_ylim(-0.3, k + 0.3)
   ax.set_xlabel("layer")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_ylabel(f"intruders in top-{k} (ε={eps})")
+  ax.set_ylabel(ylabel or f"intruders in top-{k} (ε={eps})")
   ax.set_title(title or "Intruder dimensions (Shuttleworth et al. 2024)", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
