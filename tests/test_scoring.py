@@ -1,0 +1,115 @@
+"""Log-likelihood scoring against a direct log-softmax; lm-eval tokenization of pairs."""
+
+import jax
+import numpy as np
+import pytest
+
+from lora_jax.config import preset
+from lora_jax.data.tokenizers import ByteTokenizer
+from lora_jax.evals.scoring import Scorer, encode_pair, split_whitespace
+from lora_jax.lora import LoraConfig, add_lora
+from lora_jax.model import Llama, init_params
+
+CFG = preset("tiny")
+TOK = ByteTokenizer()
+
+
+class WordTokenizer:
+  """Splits on spaces and keeps the space on the following word (like BPE's 'Ġword')."""
+  bos_id, eos_id, pad_id, vocab_size = None, 2, 0, 1000
+
+  def __init__(self):
+    self.vocab = {}
+
+  def encode(self, text):
+    pieces, cur = [], ""
+    for ch in text:
+      if ch == " " and cur:
+        pieces.append(cur)
+        cur = ""
+      cur += ch
+    if cur:
+      pieces.append(cur)
+    return [self.vocab.setdefault(p, len(self.vocab) + 3) for p in pieces]
+
+
+@pytest.fixture(scope="module")
+def lora_params():
+  lora = LoraConfig(rank=2, targets="attention")
+  p = add_lora(init_params(CFG, jax.random.key(0)), CFG, lora, jax.random.key(1))
+  p = jax.tree_util.tree_map_with_path(
+      lambda path, x: 0.2 * np.ones(x.shape, x.dtype) if path[-1].key == "lora_b" else x, p)
+  return p, lora
+
+
+def _direct(params, lora, ids, n_cont):
+  logits = Llama(CFG, lora=lora).apply({"params": params}, np.asarray([ids[:-1]], np.int32))
+  logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+  tgt = ids[1:]
+  rows = range(len(tgt) - n_cont, len(tgt))
+  return (sum(float(logp[i, tgt[i]]) for i in rows),
+          all(int(np.argmax(logp[i])) == tgt[i] for i in rows))
+
+
+def test_scores_match_direct_log_softmax(lora_params):
+  params, lora = lora_params
+  scorer = Scorer(CFG, params, lora, TOK, batch_size=4)
+  reqs = [("Question: 2+2?\nAnswer:", " 4"), ("The cat", " sat on the mat."), ("", "hello"),
+          ("A longer context that needs a bigger bucket, really. ", "end"), ("x", "y")]
+  got = scorer.score(reqs)
+  for (ctx, cont), s in zip(reqs, got):
+    c, x = encode_pair(TOK, ctx, cont)
+    lp, greedy = _direct(params, lora, c + x, len(x))
+    assert s.n_tokens == len(x)
+    assert abs(s.logprob - lp) < 1e-4 and s.is_greedy == greedy
+  assert got[0].logprob < 0
+  # LoRA changes the scores: the base model gives different numbers.
+  base = Scorer(CFG, params, None, TOK, batch_size=4).score(reqs[:1])
+  assert abs(base[0].logprob - got[0].logprob) > 1e-3
+  assert sum(scorer.trace_count.values()) <= 3  # (4, 64) (1, 16): buckets, not one per row
+
+
+def test_greedy_flag_true_for_argmax_continuation(lora_params):
+  params, lora = lora_params
+  ctx = [1] + TOK.encode("Once upon")
+  ids = list(ctx)
+  model = Llama(CFG, lora=lora)
+  for _ in range(3):
+    logits = model.apply({"params": params}, np.asarray([ids], np.int32))
+    ids.append(int(np.argmax(logits[0, -1])))
+  scorer = Scorer(CFG, params, lora, TOK, batch_size=2)
+  s = scorer.score_ids([(ctx, ids[len(ctx):]), (ctx, [ids[len(ctx)] + 1])])
+  assert s[0].is_greedy and not s[1].is_greedy and s[0].n_tokens == 3
+
+
+def test_truncation_keeps_the_end(lora_params):
+  params, lora = lora_params
+  scorer = Scorer(CFG, params, lora, TOK, batch_size=2, max_length=8)
+  ctx, cont = [1] + list(range(10, 30)), [40, 41]
+  s = scorer.score_ids([(ctx, cont)])[0]
+  lp, _ = _direct(params, lora, (ctx + cont)[-9:], 2)
+  assert s.n_tokens == 2 and abs(s.logprob - lp) < 1e-4
+
+
+def test_split_whitespace_and_encode_pair():
+  assert split_whitespace("Answer: ", "Paris") == ("Answer:", " Paris")
+  assert split_whitespace("a\n\n", "b") == ("a", "\n\nb")
+  assert split_whitespace("a", " b") == ("a", " b")
+  tok = WordTokenizer()
+  ctx, cont = encode_pair(tok, "The capital is ", "Paris", add_bos=True)  # no BOS: none added
+  assert [tok.encode(" Paris")[0]] == cont
+  assert ctx == tok.encode("The capital is")
+  # Empty context: EOS stands in as the prefix token when there is no BOS.
+  assert encode_pair(tok, "", "Hi")[0] == [2]
+  # Byte tokenizer: BOS prepended, or not.
+  assert encode_pair(TOK, "ab", "c") == ([1] + TOK.encode("ab"), TOK.encode("c"))
+  assert encode_pair(TOK, "ab", "c", add_bos=False) == (TOK.encode("ab"), TOK.encode("c"))
+
+
+def test_boundary_merge_counts_in_continuation():
+  """A token spanning the boundary belongs to the continuation (whole-string encoding)."""
+  class MergeTok(WordTokenizer):
+    def encode(self, text):
+      return [9] if text == "ab" else [5 + ord(c) for c in text]
+  ctx, cont = encode_pair(MergeTok(), "a", "b", add_bos=False)
+  assert ctx == [5 + ord("a")] and cont == []  # whole "ab" is one token: nothing left to split
