@@ -125,6 +125,19 @@ def test_load_hf_sharded_from_transformers(tmp_path):
 
 
 @pytest.mark.interop
+def test_load_hf_keeps_bf16_from_transformers(tmp_path):
+  torch = pytest.importorskip("torch")
+  model = _hf_model("default", False).to(torch.bfloat16)
+  model.save_pretrained(tmp_path / "hf")
+  config, params = hf.load_hf(tmp_path / "hf")
+  assert config.param_dtype == "bfloat16"
+  want = model.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
+  got = params["layers_1"]["mlp"]["down_proj"]["kernel"]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got.astype(np.float32), want)
+
+
+@pytest.mark.interop
 def test_load_hf_accepts_tied_head_copy(tmp_path):
   """Some exporters write lm_head.weight even when tied; accept it if it equals the embedding."""
   from safetensors.numpy import load_file, save_file
@@ -231,3 +244,44 @@ def test_save_hf_replaces_only_model_dirs(tmp_path):
   hf.save_hf(out, config, params2)  # overwriting a model dir is fine
   _assert_bitwise_equal(params2, hf.load_hf(out)[1])
   assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temp dirs left
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_convert_round_trip(tmp_path, capsys):
+  from lora_jax.cli import main
+  from lora_jax.interop import native
+  config = LlamaConfig(**TINY, rope_scaling=ROPES["linear"])
+  params = _random_params(config)
+  src = hf.save_hf(tmp_path / "hf", config, params)
+  assert main(["convert", src, str(tmp_path / "ck")]) == 0  # HF -> lora-jax (auto)
+  assert "wrote lora-jax" in capsys.readouterr().out
+  config2, params2, lora = native.load_checkpoint(tmp_path / "ck")
+  assert lora is None and config2 == config
+  _assert_bitwise_equal(params, params2)
+  info = native.read_checkpoint_info(tmp_path / "ck")
+  assert info["metadata"]["base_model_name_or_path"] == src
+  assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf2"), "--dtype", "bfloat16",
+               "--max-shard-size", "20KB"]) == 0  # lora-jax -> HF (auto), sharded
+  assert os.path.exists(tmp_path / "hf2" / hf.INDEX_FILE)
+  _, params3 = hf.load_hf(tmp_path / "hf2")
+  _assert_bitwise_equal(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), params3)
+
+
+def test_cli_convert_lora_checkpoint_merges(tmp_path):
+  from lora_jax.cli import main
+  from lora_jax.interop import native
+  from lora_jax.lora import LoraConfig, add_lora, merge_lora
+  config = LlamaConfig(**TINY)
+  lora = LoraConfig(rank=2, targets="mlp")
+  params = add_lora(_random_params(config), config, lora, jax.random.key(2))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if p[-1].key == "lora_b" else x, params)
+  native.save_checkpoint(tmp_path / "ck", config, params, lora)
+  assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf")]) == 0
+  _, merged = hf.load_hf(tmp_path / "hf")
+  want = merge_lora(params, lora)  # jax here, numpy in the CLI: equal up to matmul rounding
+  assert jax.tree.structure(want) == jax.tree.structure(merged)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(merged)):
+    np.testing.assert_allclose(np.asarray(x), y, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(merged["layers_0"]["mlp"]["up_proj"]["kernel"],
+                         params["layers_0"]["mlp"]["up_proj"]["kernel"])

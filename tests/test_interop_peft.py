@@ -175,3 +175,27 @@ def test_save_peft_refuses_mismatched_params(tmp_path):
   with pytest.raises(ValueError, match="lora_a: missing"):
     peft_io.save_peft(tmp_path / "a", config, lora.replace(targets="all"), params)
   assert not os.path.exists(tmp_path / "a")
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_export_peft(tmp_path, capsys):
+  from lora_jax.cli import main
+  from lora_jax.interop import native
+  config, base, base_dir = _base(tmp_path)
+  lora = LoraConfig(rank=4, alpha=8, targets="all", use_rslora=True)
+  params = _randomize_lora(add_lora(base, config, lora, jax.random.key(1)))
+  ck = native.save_checkpoint(tmp_path / "ck", config, params, lora,
+                              metadata={"base_model_name_or_path": base_dir})
+  assert main(["export-peft", ck, str(tmp_path / "adapter"),
+               "--merged-hf", str(tmp_path / "merged")]) == 0
+  assert "wrote PEFT adapter" in capsys.readouterr().out
+  ac = json.load(open(tmp_path / "adapter" / peft_io.ADAPTER_CONFIG))
+  assert ac["base_model_name_or_path"] == base_dir and ac["use_rslora"] is True
+  # The adapter dir names its local base, so load_model finds it on its own.
+  _, loaded, loaded_lora = native.load_model(tmp_path / "adapter")
+  assert loaded_lora == lora
+  tokens = _tokens(3)
+  want = _logits(config, params, tokens, lora)
+  assert np.max(np.abs(_logits(config, loaded, tokens, loaded_lora) - want)) == 0
+  merged_config, merged = hf.load_hf(tmp_path / "merged")
+  assert np.max(np.abs(_logits(merged_config, merged, tokens) - want)) < TOL

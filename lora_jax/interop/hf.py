@@ -281,6 +281,8 @@ def _dtype_or_none(dtype) -> np.dtype | None:
 def load_hf(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict]:
   """Reads an HF Llama dir into (LlamaConfig, params) with Linen layout.
 
+  Params are numpy arrays in host memory (jax accepts them; place them with `jax.device_put`
+  or a sharding), so a model larger than one device can be loaded and then sharded.
   `dtype` casts every param (None keeps each tensor's file dtype). The returned config's
   `param_dtype` is the embedding's dtype; its compute `dtype` stays the default (float32).
   All problems (missing / unexpected keys, shape mismatches, unsupported dtypes) are reported
@@ -322,7 +324,8 @@ def load_hf(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict]:
     raw = tensors[p]  # one tensor in host memory at a time
     if tied_head is not None and p == ("embed_tokens", "embedding"):
       embed_raw = raw
-    flat[p] = jnp.asarray(raw) if cast is None else jnp.asarray(raw).astype(cast)
+    # Host numpy, contiguous in Linen layout; the caller places it (device_put / sharding).
+    flat[p] = np.ascontiguousarray(raw if cast is None else raw.astype(cast))
     del raw
   if tied_head is not None:
     if not np.array_equal(tensors[tied_head].T, embed_raw):

@@ -65,8 +65,9 @@ def save_checkpoint(path: str, config: LlamaConfig, params: Mapping,
           "lora": None if lora_config is None else _config_to_json(lora_config),
           "metadata": dict(metadata or {})}
   with atomic_dir(path, META_FILE) as tmp:
+    import orbax.checkpoint as ocp
     with _checkpointer() as checkpointer:
-      checkpointer.save(os.path.join(tmp, PARAMS_DIR), dict(params))
+      checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))
     write_json(os.path.join(tmp, META_FILE), meta)  # last: its presence marks a complete dir
   return os.path.abspath(path)
 
@@ -89,8 +90,8 @@ def read_checkpoint_info(path: str) -> dict:
 def load_checkpoint(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict, LoraConfig | None]:
   """Reads a lora-jax checkpoint: (config, params, lora_config or None).
 
-  Params are restored onto the default device; `dtype` casts them on restore (None keeps the
-  saved dtypes) and updates `config.param_dtype`.
+  Params are numpy arrays in host memory (place them with `jax.device_put` or a sharding);
+  `dtype` casts them on restore (None keeps the saved dtypes) and sets `config.param_dtype`.
   """
   directory = os.path.abspath(path)
   file = os.path.join(directory, META_FILE)
@@ -103,7 +104,7 @@ def load_checkpoint(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict, Lo
     raise FileNotFoundError(f"{params_dir}: params directory of the checkpoint not found")
   with _checkpointer() as checkpointer:
     tree = _restore(checkpointer, params_dir, dtype)
-  params = jax.tree.map(jnp.asarray, tree)
+  params = jax.tree.map(np.asarray, tree)
   _check_against_config(config, lora, params, file)
   leaf = params["embed_tokens"]["embedding"]
   return config.replace(param_dtype=str(np.dtype(leaf.dtype))), params, lora
@@ -112,7 +113,7 @@ def load_checkpoint(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict, Lo
 def _checkpointer():
   """A synchronous orbax checkpointer (nothing is left running in the background)."""
   import orbax.checkpoint as ocp
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
 def _restore(checkpointer, params_dir: str, dtype: Any) -> dict:
@@ -124,12 +125,12 @@ def _restore(checkpointer, params_dir: str, dtype: Any) -> dict:
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
   if not isinstance(tree, dict):
     raise ValueError(f"{bad}: the orbax metadata (_METADATA) is missing or unreadable")
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  cast = None if dtype is None else jnp.dtype(dtype)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-      tuple(m.shape), cast or m.dtype, sharding=sharding), tree)
+  import orbax.checkpoint as ocp
+  cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast),
+                              tree)
   try:
-    return checkpointer.restore(params_dir, target)
+    return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # noqa: BLE001 - tensorstore errors for damaged data files
     first = (str(e).splitlines() or [""])[0][:300]
     raise ValueError(f"{bad}: {type(e).__name__}: {first}") from None

@@ -234,7 +234,8 @@ def load_peft(path: str, config: LlamaConfig, params: Mapping,
 
   The adapter is checked against the model first (targets, rank, shapes, missing or extra
   tensors); every problem found is reported in one ValueError naming the file and keys.
-  `dtype` casts the adapter (None keeps the file's dtype; base params are never touched).
+  `dtype` casts the adapter (None keeps the file's dtype; base params are never touched). The
+  LoRA leaves are host numpy arrays, like `load_hf`'s.
   """
   directory = os.path.abspath(path)
   lora = read_adapter_config(directory, config.num_hidden_layers)
@@ -288,6 +289,7 @@ def load_peft(path: str, config: LlamaConfig, params: Mapping,
   cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
   for canonical, key in by_path.items():
     layer, module, leaf = expected[canonical]
-    x = jnp.asarray(read_tensor(file, key).T)
-    flat[(f"layers_{layer}", _GROUP[module], module, leaf)] = x if cast is None else x.astype(cast)
+    x = read_tensor(file, key).T
+    flat[(f"layers_{layer}", _GROUP[module], module, leaf)] = np.ascontiguousarray(
+        x if cast is None else x.astype(cast))
   return lora, traverse_util.unflatten_dict(flat)
