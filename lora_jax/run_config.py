@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   c.model.param_dtype = "float32"
   c.model.remat = False
-  c.model.attention_dropout = 0.0  # not in model.py yet: must stay 0
+  c.model.attention_dropout = 0.0  # dropout on attention probabilities (training only)
 
   # LoRA: `lora.enabled=False` is full finetuning.
   c.lora = ml_collections.ConfigDict()
@@ -108,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # 0: never
   c.train.checkpoint_every = 0  # 0: only at the end (and on SIGTERM)
   c.train.keep_checkpoints = 3
+  # Comma-separated steps that are always checkpointed and never deleted (e.g. the paper's CPT
+  # token milestones for the spectral analysis).
+  c.train.keep_steps = ""
   c.train.async_checkpointing = True
   # "auto": PEFT adapter for LoRA, HF dir for full FT; "adapter"; "hf" (merged for LoRA);
   # "all" (both for LoRA); "none".
@@ -128,10 +131,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"  # "synthetic", "jsonl", "parquet", "arrayrecord", "tfds"
   c.data.path = ""  # file, glob or TFDS name (e.g. "huggingface:..." builders)
   c.data.split = "train"
+  c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
   c.data.text_field = "text"
   c.data.format = "auto"  # IFT: "magicoder", "metamath", "chat" or "auto"
   c.data.tokenizer = "byte"  # "byte", a tokenizer.json path, or a SentencePiece .model path
   c.data.pack = True  # IFT: pack samples (True) or pad each to seq_len (False)
+  c.data.add_bos = True  # prepend BOS to every document (CPT) / sample (IFT); EOS always ends one
   c.data.skip_malformed = False  # count and skip bad rows instead of failing
   c.data.shuffle = True
   c.data.num_workers = 0
@@ -177,7 +182,7 @@ def _merge(cfg: ml_collections.ConfigDict, d: dict, prefix: str):
   for k, v in d.items():
     key = f"{prefix}{k}"
     if key == "model.overrides":
-      cfg.model.overrides = ml_collections.ConfigDict(v)
+      cfg.overrides = ml_collections.ConfigDict(v)
     elif k not in cfg:
       raise ConfigError(key, "unknown config key")
     elif isinstance(cfg[k], ml_collections.ConfigDict):
@@ -368,14 +373,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = 1
   for s in sizes:
     known *= s if s != -1 else 1
+  desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if free:
-    _require(num_devices % known == 0, f"mesh.{free[0]}",
-             f"{num_devices} devices are not divisible by the other axes' product {known}")
+    _require(num_devices % known == 0, "mesh",
+             f"{desc}: the {num_devices} devices are not divisible by the fixed axes' product "
+             f"{known}")
     sizes = [num_devices // known if s == -1 else s for s in sizes]
   total = sizes[0] * sizes[1] * sizes[2]
   _require(total == num_devices, "mesh",
-           f"mesh.data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {total} does not match "
-           f"the {num_devices} available devices")
+           f"{desc}: mesh.data*fsdp*tensor = {total} does not match the {num_devices} devices")
   return tuple(sizes)
 
 
@@ -394,8 +400,8 @@ def validate_config(cfg: ml_collections.ConfigDict, *, num_devices: int | None =
     _one_of(cfg, "model.preset", tuple(sorted(PRESETS)))
   _one_of(cfg, "model.dtype", DTYPES)
   _one_of(cfg, "model.param_dtype", DTYPES)
-  _require(cfg.model.attention_dropout == 0.0, "model.attention_dropout",
-           "attention dropout is not implemented by lora_jax.model yet; keep it 0")
+  _require(0 <= cfg.model.attention_dropout < 1, "model.attention_dropout",
+           f"must be in [0, 1), got {cfg.model.attention_dropout}")
   # lora
   if cfg.lora.enabled:
     lora_config(cfg)  # raises ConfigError on rank/alpha/dropout/targets/init
@@ -441,6 +447,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, num_devices: int | None =
   _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
   _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
   _require(t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
+  keep_steps(cfg)
   _require(t.peak_flops >= 0, "train.peak_flops", "must be >= 0")
   _one_of(cfg, "train.export", EXPORTS)
   # data + eval
@@ -461,6 +468,18 @@ def validate_config(cfg: ml_collections.ConfigDict, *, num_devices: int | None =
              f" x train.microbatches ({t.microbatches})")
     _require(t.global_batch % num_processes == 0, "train.global_batch",
              f"{t.global_batch} is not divisible by the {num_processes} processes")
+
+
+def keep_steps(cfg: ml_collections.ConfigDict) -> list[int]:
+  """train.keep_steps as sorted ints; ConfigError naming the key if malformed."""
+  out = []
+  for word in _split(cfg.train.keep_steps):
+    try:
+      out.append(int(word))
+    except ValueError:
+      raise ConfigError("train.keep_steps", f"{word!r} is not a step number") from None
+    _require(out[-1] >= 1, "train.keep_steps", f"steps must be >= 1, got {out[-1]}")
+  return sorted(set(out))
 
 
 def _split(text: str) -> list[str]:

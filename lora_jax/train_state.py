@@ -129,7 +129,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, *,
     denom = jnp.maximum(count, 1.0)
     grads = constrain(jax.tree.map(lambda g: g / denom, grads))
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)

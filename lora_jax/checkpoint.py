@@ -1,0 +1,202 @@
+"""Training checkpoints (orbax CheckpointManager), the run's config.json, and base fingerprints.
+
+Layout of `output_dir`:
+
+  config.json                  the run config (checked on resume; a different one is refused)
+  checkpoints/<step>/state     TrainState: step, trainable params (LoRA leaves only for LoRA runs),
+                               optimizer state, RNG key (orbax, async, sharded)
+  checkpoints/<step>/data      data-iterator state, one JSON per process
+  checkpoints/<step>/meta      tokens seen, bad steps, the base pointer (preset / hf_path + a
+                               fingerprint of the frozen base weights)
+
+The last `keep` checkpoints are kept, plus the best one by an eval metric when given.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------- small files
+def atomic_write_text(path: str, text: str) -> None:
+  """Write-then-rename: readers see the old file or the new one, never a partial one."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, bytes):
+    return {"__bytes_b64__": base64.b64encode(x).decode()}
+  raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def _json_hook(d):
+  if set(d) == {"__bytes_b64__"}:
+    return base64.b64decode(d["__bytes_b64__"])
+  return d
+
+
+def dumps(x: Any) -> str:
+  return json.dumps(x, indent=2, sort_keys=True, default=_json_default)
+
+
+# --------------------------------------------------------------------------- data state handler
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves each process's data-iterator state as `process_<i>-of-<n>.json` (like grain's)."""
+
+  def _file(self, directory) -> epath.Path:
+    return epath.Path(directory) / (
+        f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+  def save(self, directory, args: "DataStateSave"):
+    self._file(directory).write_text(dumps(args.state))
+
+  def restore(self, directory, args: "DataStateRestore" = None):
+    f = self._file(directory)
+    if not f.exists():
+      raise FileNotFoundError(f"{f}: no data-iterator state for this process (was the run "
+                              f"saved with a different number of processes?)")
+    return json.loads(f.read_text(), object_hook=_json_hook)
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# --------------------------------------------------------------------------- fingerprints
+def _leaf_sums(x):
+  if x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  idx = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0)
+  for d in range(1, x.ndim):
+    idx = idx * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+  w = idx * jnp.uint32(2654435761) + jnp.uint32(1)
+  # Integer sums wrap mod 2^32 and are associative: the result is exact whatever the sharding.
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * w, dtype=jnp.uint32)])
+
+
+def fingerprint_sums(tree: Any) -> Any:
+  """Per-leaf uint32 [2] checksums (traceable: usable inside a jitted init)."""
+  return jax.tree.map(_leaf_sums, tree)
+
+
+def fingerprint_from_sums(tree: Any, sums: Any) -> str:
+  """A short hash of paths, shapes, dtypes and `fingerprint_sums(tree)`."""
+  h = hashlib.sha256()
+  sums = jax.device_get(sums)
+  items = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat_sums = dict((jax.tree_util.keystr(p), v)
+                   for p, v in jax.tree_util.tree_flatten_with_path(sums)[0])
+  for path, x in sorted(items, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    k = jax.tree_util.keystr(path)
+    s1, s2 = (int(v) for v in np.asarray(flat_sums[k]))
+    h.update(f"{k}|{tuple(x.shape)}|{np.dtype(x.dtype)}|{s1}|{s2};".encode())
+  return h.hexdigest()[:16]
+
+
+def tree_fingerprint(tree: Any) -> str:
+  """A short hash of a params pytree's exact bits (paths, shapes, dtypes, values), computed on
+  device and independent of how the arrays are sharded."""
+  return fingerprint_from_sums(tree, jax.jit(fingerprint_sums)(tree))
+
+
+# --------------------------------------------------------------------------- manager
+def _best_fn(metrics):
+  return float(metrics["best"])
+
+
+def make_manager(output_dir: str, *, keep: int, async_save: bool = True,
+                 best_mode: str | None = None, keep_steps=()) -> ocp.CheckpointManager:
+  """CheckpointManager under output_dir/checkpoints keeping the last `keep`, the `keep_steps`,
+  and the best one by the saved metric when `best_mode` is "min" / "max"."""
+  from orbax.checkpoint import checkpoint_managers as cm
+  policies = [cm.LatestN(n=keep)]
+  if keep_steps:
+    policies.append(cm.CustomSteps(steps=list(keep_steps)))
+  if best_mode:
+    policies.append(cm.BestN(get_metric_fn=_best_fn, reverse=best_mode == "min", n=1,
+                             keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=cm.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
+              "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(output_dir, CHECKPOINT_DIR)),
+                               item_names=tuple(handlers), item_handlers=handlers,
+                               options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any, meta: dict,
+         best: float | None = None) -> bool:
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=DataStateSave(data_state),
+                            meta=ocp.args.JsonSave(json.loads(dumps(meta))))
+  metrics = {"best": best} if best is not None else None
+  return manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+            ) -> tuple[Any, Any, dict]:
+  """(state, data_state, meta) of checkpoint `step`, placed with abstract_state's shardings."""
+  out = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(),
+      meta=ocp.args.JsonRestore()))
+  return out["state"], out["data"], out["meta"]
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,84 @@
+"""`lora-jax train --config FILE [--config.key=value ...] [--force]`: train or resume a run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+HELP = "train (or resume) a LoRA / full-finetuning run from a config file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", required=True, metavar="FILE",
+                      help="Python file with get_config() (see configs/)")
+  parser.add_argument("--force", action="store_true",
+                      help="resume even if the saved config or base model differs")
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config and exit")
+  parser.epilog = ("Override any config key with --config.<key>=<value>, e.g. "
+                   "--config.optimizer.lr=3e-4 --config.train.steps=100.")
+  # argparse cannot declare the open-ended --config.<key> options: collect what this
+  # subparser leaves unparsed into args.overrides (anything else is still an error).
+  original = parser.parse_known_args
+
+  def parse_known_args(args=None, namespace=None):
+    namespace, extras = original(args, namespace)
+    overrides, rest, i = [], [], 0
+    while i < len(extras):
+      word = extras[i]
+      if word.startswith("--config."):
+        if "=" not in word and i + 1 < len(extras) and not extras[i + 1].startswith("--"):
+          word = f"{word}={extras[i + 1]}"
+          i += 1
+        overrides.append(word)
+      else:
+        rest.append(word)
+      i += 1
+    namespace.overrides = getattr(namespace, "overrides", None) or []
+    namespace.overrides.extend(overrides)
+    return namespace, rest
+
+  parser.parse_known_args = parse_known_args
+
+
+def _eval_fn(cfg):
+  """An eval_fn for eval.tasks, from lora_jax.evals (None when no tasks are configured)."""
+  if not cfg.eval.tasks or not cfg.train.eval_every:
+    return None
+  from lora_jax import evals
+  make = getattr(evals, "make_train_eval_fn", None)
+  if make is None:
+    raise SystemExit("eval.tasks is set but lora_jax.evals has no make_train_eval_fn yet; "
+                     "set --config.train.eval_every=0 and evaluate after training")
+  return make(cfg)
+
+
+def run(args) -> int:
+  from lora_jax import run_config as rc
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
+  try:
+    cfg = rc.load_config(args.config, getattr(args, "overrides", []) or [])
+    rc.validate_config(cfg)
+  except rc.ConfigError as e:
+    print(f"lora-jax train: config error: {e}", file=sys.stderr)
+    return 2
+  if args.print_config:
+    print(cfg)
+    return 0
+  from lora_jax.train import TrainingError, train
+  try:
+    result = train(cfg, eval_fn=_eval_fn(cfg), force=args.force)
+  except rc.ConfigError as e:
+    print(f"lora-jax train: config error: {e}", file=sys.stderr)
+    return 2
+  except TrainingError as e:
+    print(f"lora-jax train: {e}", file=sys.stderr)
+    return 1
+  if result.preempted:
+    return result.exit_code
+  last = next((m for m in reversed(result.metrics) if "loss" in m), {})
+  print(f"done: step {result.step}, loss {last.get('loss', float('nan')):.4f}, "
+        f"output {result.output_dir}" + "".join(f", {k}: {v}" for k, v in result.exports.items()))
+  return 0

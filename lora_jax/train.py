@@ -1,0 +1,524 @@
+"""The training loop: `train(cfg) -> TrainResult`, and `Trainer` for benchmarks.
+
+Order of work (every check that can fail does so before anything expensive):
+  1. validate the config (keys, types, values; then the mesh against the devices);
+  2. output_dir: writable, enough free disk for a checkpoint, and a resumed run's config.json
+     equal to this one (or `force`);
+  3. data iterator (this process's slice) and the number of steps;
+  4. model, base params (preset init, HF dir or `base_params`), LoRA leaves, sharded state —
+     or the latest checkpoint of output_dir (resume is automatic);
+  5. steps: metrics every train.log_every, eval_fn every train.eval_every, checkpoints every
+     train.checkpoint_every and at the end; exports (PEFT adapter / HF dir) at the end.
+
+Faults: SIGTERM saves a checkpoint and returns `exit_code=EXIT_PREEMPTED` (143); a NaN/Inf loss
+or gradient skips that update (params unchanged) up to train.max_bad_steps times, then raises
+`TrainingError` naming the step (no checkpoint is written past the last good one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lora_jax import checkpoint as ckpt
+from lora_jax import run_config as rc
+from lora_jax import sharding
+from lora_jax.config import LlamaConfig, preset
+from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
+                           trainable_labels)
+from lora_jax.metrics import MetricsWriter, device_memory_bytes, peak_flops_per_device
+from lora_jax.metrics import train_flops_per_token
+from lora_jax.model import Llama, init_params, param_logical_axes, param_shapes
+from lora_jax.optim import make_optimizer
+from lora_jax.train_state import (BATCH_KEYS, TrainState, init_train_state, make_train_step,
+                                  state_shardings)
+
+log = logging.getLogger("lora_jax.train")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the conventional "terminated, may be requeued" status
+__all__ = ["train", "Trainer", "TrainResult", "TrainingError", "EXIT_PREEMPTED",
+           "make_train_step", "TrainState", "model_config_from"]
+
+
+class TrainingError(RuntimeError):
+  """Training cannot start or continue (bad output dir, config mismatch, NaN loss, ...)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: dict  # full params (base + LoRA leaves for LoRA runs), device arrays
+  config: ml_collections.ConfigDict
+  model_config: LlamaConfig
+  lora_config: Any  # LoraConfig or None (full finetuning)
+  metrics: list[dict]  # this session's metrics.jsonl records
+  output_dir: str
+  checkpoint_dir: str
+  exports: dict[str, str]  # "adapter" / "hf" -> path
+  step: int
+  preempted: bool = False
+  exit_code: int = 0
+
+
+# --------------------------------------------------------------------------- model config
+def model_config_from(cfg: ml_collections.ConfigDict) -> LlamaConfig:
+  """LlamaConfig of the run: preset or HF config.json, + model.overrides and numerics."""
+  m = cfg.model
+  if m.hf_path:
+    with open(os.path.join(m.hf_path, "config.json")) as f:
+      base = LlamaConfig.from_hf(json.load(f))
+  else:
+    base = preset(m.preset)
+  overrides = dict(m.overrides.to_dict() if hasattr(m.overrides, "to_dict") else m.overrides)
+  try:
+    return base.replace(**overrides, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                        attention_dropout=m.attention_dropout)
+  except (TypeError, ValueError) as e:
+    raise rc.ConfigError("model.overrides", str(e)) from None
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+  """Model, mesh, shardings, optimizer and the jitted step of a run (state built lazily).
+
+  Benchmarks: `t = Trainer(cfg, total_steps=n); t.init_state(); m = t.step(host_batch)`.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, total_steps: int, mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh or sharding.make_mesh(cfg.mesh)
+    self.model_config = model_config_from(cfg)
+    self.lora_config = rc.lora_config(cfg)
+    self.model = Llama(self.model_config, self.lora_config)
+    self.total_steps = int(total_steps)
+    mc, lora = self.model_config, self.lora_config
+    self.base_shapes = param_shapes(mc)
+    self.shapes = param_shapes(mc, lora) if lora else self.base_shapes
+    if lora is not None:  # targets matching no module fail here, before any allocation
+      from lora_jax.lora import target_kernel_paths
+      try:
+        target_kernel_paths(self.base_shapes, lora)
+      except ValueError as e:
+        raise rc.ConfigError("lora.targets", str(e)) from None
+    self.labels = trainable_labels(self.shapes, lora,
+                                   frozen_patterns=rc.frozen_patterns(cfg) if not lora else ())
+    tr_shapes, fr_shapes = split_params(self.shapes, self.labels)
+    if not jax.tree_util.tree_leaves(tr_shapes):
+      raise rc.ConfigError("full_ft_frozen", "freezes every parameter; nothing would train")
+    self.trainable_shapes, self.frozen_shapes = tr_shapes, fr_shapes
+    axes = param_logical_axes(mc, lora)
+    self.param_sharding = sharding.tree_shardings(self.shapes, axes, self.mesh)
+    self.base_sharding = sharding.tree_shardings(self.base_shapes, axes, self.mesh)
+    tr_sh, self.frozen_sharding = split_params(self.param_sharding, self.labels)
+    self.tx, self.lr_fn = make_optimizer(cfg.optimizer, cfg.schedule, self.total_steps)
+    self.state_sharding = state_shardings(tr_sh, self.tx, tr_shapes, self.mesh)
+    self.abstract_state = ckpt.abstract_like(
+        jax.eval_shape(lambda t: init_train_state(t, self.tx, 0), tr_shapes), self.state_sharding)
+    dropout = bool((lora is not None and lora.dropout > 0) or mc.attention_dropout > 0)
+    self.step_fn = make_train_step(
+        self.model, self.tx, self.lr_fn, microbatches=cfg.train.microbatches, dropout=dropout,
+        mesh=self.mesh, state_sharding=self.state_sharding, frozen_sharding=self.frozen_sharding)
+    self.n_total = count_params(self.shapes)
+    self.n_trainable = count_params(tr_shapes)
+    self.checkpoint_bytes = tree_bytes(self.abstract_state)
+    self.state: TrainState | None = None
+    self.frozen: dict | None = None
+    self.base_pointer: dict = {}
+
+  # -- params
+  def _keys(self):
+    root = jax.random.PRNGKey(self.cfg.seed)
+    return [jax.random.fold_in(root, i) for i in range(3)]  # base init, LoRA init, train RNG
+
+  def _check_base(self, params, key: str):
+    want = jax.tree.map(lambda s: tuple(s.shape), self.base_shapes)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), dict(params))
+    if want != got:
+      raise rc.ConfigError(key, "params do not match the model config (model.preset / "
+                                "model.overrides / model.hf_path): shapes or leaves differ")
+
+  def _build(self, base, lora_key, rng):
+    """Traceable: base -> (TrainState, frozen, base checksums)."""
+    sums = ckpt.fingerprint_sums(base)
+    params = base
+    if self.lora_config is not None:
+      params = add_lora(base, self.model_config, self.lora_config, lora_key)
+    trainable, frozen = split_params(params, self.labels)
+    state = TrainState(step=jnp.zeros([], jnp.int32), trainable=trainable,
+                       opt_state=self.tx.init(trainable), rng=rng)
+    return state, frozen, sums
+
+  def init_state(self, base_params: Any = None) -> None:
+    """Fresh state from the frozen base (`base_params`, the HF dir, or the preset's seeded init)
+    plus LoRA leaves (A random, B = 0): one jitted, sharded computation."""
+    cfg, mc = self.cfg, self.model_config
+    base_key, lora_key, rng = self._keys()
+    rep = sharding.replicated(self.mesh)
+    sums_sharding = jax.tree.map(lambda _: rep, self.base_shapes)
+    out_shardings = (self.state_sharding, self.frozen_sharding, sums_sharding)
+    if base_params is None and not cfg.model.hf_path:
+      source = "preset"
+      build = lambda k, lk, r: self._build(init_params(mc, k), lk, r)  # noqa: E731
+      self.state, self.frozen, sums = jax.jit(build, out_shardings=out_shardings)(
+          base_key, lora_key, rng)
+    else:
+      if base_params is not None:
+        source, key, host = "base_params", "base_params", base_params
+      else:
+        from lora_jax.interop.hf import load_hf
+        source, key = "hf", "model.hf_path"
+        _, host = load_hf(cfg.model.hf_path, dtype=mc.param_dtype)
+      self._check_base(host, key)
+      host = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.param_dtype)), host)
+      base = sharding.put_tree(host, self.base_sharding)
+      del host
+      self.state, self.frozen, sums = jax.jit(
+          self._build, out_shardings=out_shardings, donate_argnums=0)(base, lora_key, rng)
+    self.base_pointer = {
+        "source": source, "preset": "" if cfg.model.hf_path else cfg.model.preset,
+        "hf_path": os.path.abspath(cfg.model.hf_path) if cfg.model.hf_path else "",
+        "overrides": dict(cfg.model.overrides.to_dict()), "seed": cfg.seed,
+        "fingerprint": ckpt.fingerprint_from_sums(self.base_shapes, sums)}
+
+  def params(self) -> dict:
+    return combine_params(self.state.trainable, self.frozen)
+
+  def put_batch(self, host_batch: dict) -> dict:
+    return sharding.put_batch({k: host_batch[k] for k in BATCH_KEYS}, self.mesh,
+                              self.cfg.train.global_batch)
+
+  def step(self, host_batch: dict) -> dict:
+    """One optimizer step on a process-local host batch; returns device metrics."""
+    self.state, metrics = self.step_fn(self.state, self.frozen, self.put_batch(host_batch))
+    return metrics
+
+
+# --------------------------------------------------------------------------- helpers
+def maybe_initialize_distributed(cfg) -> None:
+  on_tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+  if (cfg.distributed or on_tpu_pod) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def check_output_dir(path: str, needed_bytes: int) -> None:
+  """Raises TrainingError if output_dir cannot be created/written or lacks free space."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-probe-{os.getpid()}-{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.unlink(probe)
+  except OSError as e:
+    raise TrainingError(f"output_dir: cannot write to {path!r}: {e}") from None
+  free = shutil.disk_usage(path).free
+  if needed_bytes > free:
+    raise TrainingError(f"output_dir: {path!r} has {free / 2**30:.2f} GiB free but one checkpoint "
+                        f"needs ~{needed_bytes / 2**30:.2f} GiB")
+
+
+def _latest_checkpoint_on_disk(output_dir: str) -> int | None:
+  d = os.path.join(output_dir, ckpt.CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps) if steps else None
+
+
+def check_resume_config(cfg, output_dir: str, force: bool) -> None:
+  """Refuses to resume a run whose saved config.json differs (listing the keys) unless force."""
+  path = os.path.join(output_dir, ckpt.CONFIG_FILE)
+  if _latest_checkpoint_on_disk(output_dir) is None or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = rc.from_dict(json.load(f))
+  changes = rc.diff(old, cfg)
+  if changes and not force:
+    lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, a, b in changes)
+    raise TrainingError(f"output_dir {output_dir!r} holds a run with a different config; "
+                        f"resume with the same config, another output_dir, or --force:\n{lines}")
+  if changes:
+    log.warning("resuming with %d changed config keys (--force): %s", len(changes),
+                ", ".join(k for k, _, _ in changes))
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop polls (agreed across processes)."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if not self.flag:
+      log.warning("received signal %d: saving a checkpoint and exiting", signum)
+    self.flag = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.flag))
+    return bool(np.max(flags))
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _open_data(cfg, model_config: LlamaConfig, data_iter: Any):
+  if data_iter is not None:
+    return data_iter
+  from lora_jax.data import check_vocab, load_tokenizer, make_batch_iterator
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  check_vocab(tokenizer, model_config.vocab_size)
+  return make_batch_iterator(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+                             batch_size=cfg.train.global_batch // jax.process_count(),
+                             seed=cfg.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+
+def _batches_per_epoch(cfg, data_iter) -> int | None:
+  needs = cfg.train.epochs > 0 or cfg.data.regime == "ift" or cfg.data.source == "synthetic"
+  if not needs or not hasattr(data_iter, "batches_per_epoch"):
+    return None
+  return int(data_iter.batches_per_epoch)
+
+
+def total_steps_for(cfg, batches_per_epoch: int | None) -> int:
+  t = cfg.train
+  if t.steps:
+    return int(t.steps)
+  if t.epochs:
+    if not batches_per_epoch:
+      raise rc.ConfigError("train.epochs", "the data iterator does not know its epoch length")
+    return max(1, math.ceil(t.epochs * batches_per_epoch))
+  return max(1, math.ceil(t.token_budget / (t.global_batch * t.seq_len)))
+
+
+def _flatten_eval(result: dict) -> dict[str, float]:
+  out = {}
+  for task, ms in result.items():
+    if isinstance(ms, dict):
+      out.update({f"{task}/{m}": v for m, v in ms.items() if isinstance(v, (int, float))})
+    elif isinstance(ms, (int, float)):
+      out[task] = ms
+  return out
+
+
+def _best_key(cfg, flat: dict) -> str | None:
+  want = cfg.eval.best_metric
+  if want == "auto":
+    return next((k for k in flat if k == "loss" or k.endswith("/loss")), None)
+  return want if want in flat else None
+
+
+# --------------------------------------------------------------------------- exports
+def export(trainer: Trainer, output_dir: str, mode: str) -> dict[str, str]:
+  """Writes export/adapter (PEFT, LoRA) and/or export/hf (HF dir; LoRA merged) per `mode`."""
+  lora = trainer.lora_config
+  kinds: list[str] = []
+  if mode == "auto":
+    kinds = ["hf"] if lora is None or lora.init == "pissa" else ["adapter"]
+  elif mode == "all":
+    kinds = ["hf"] if lora is None else ["adapter", "hf"]
+  elif mode in ("adapter", "hf"):
+    kinds = [mode]
+  if "adapter" in kinds and lora is None:
+    raise rc.ConfigError("train.export", "'adapter' needs a LoRA run (lora.enabled=True)")
+  out: dict[str, str] = {}
+  root = os.path.join(output_dir, "export")
+  base_name = trainer.cfg.model.hf_path or trainer.cfg.model.preset
+  if "adapter" in kinds:
+    from lora_jax.interop.peft import save_peft
+    host = sharding.gather_to_host(trainer.state.trainable)
+    tree = combine_params(host, trainer.frozen_shapes)  # kernels only need their shapes
+    path = os.path.join(root, "adapter")
+    if jax.process_index() == 0:
+      save_peft(path, trainer.model_config, lora, tree, base_model_name_or_path=base_name)
+    out["adapter"] = path
+  if "hf" in kinds:
+    from lora_jax.interop.hf import save_hf
+    host = sharding.gather_to_host(trainer.params())
+    path = os.path.join(root, "hf")
+    if jax.process_index() == 0:
+      save_hf(path, trainer.model_config, host, lora_config=lora)
+    out["hf"] = path
+    del host
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("lora_jax_export")
+  return out
+
+
+# --------------------------------------------------------------------------- train
+def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict] | None = None,
+          base_params: Any = None, data_iter: Any = None, force: bool = False) -> TrainResult:
+  """Trains (or resumes) the run described by `cfg`; see the module docstring.
+
+  eval_fn(step, params) -> {task: {metric: value}} runs every train.eval_every steps.
+  base_params replaces the preset init / HF load. data_iter (process-local batches with
+  get_state/set_state) replaces the configured data. force resumes despite config changes.
+  """
+  rc.validate_config(cfg)
+  maybe_initialize_distributed(cfg)
+  rc.validate_config(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
+  t, out_dir = cfg.train, os.path.abspath(cfg.output_dir)
+  is_main = jax.process_index() == 0
+  check_resume_config(cfg, out_dir, force)
+  check_output_dir(out_dir, 0)
+  data = _open_data(cfg, model_config_from(cfg), data_iter)
+  bpe = _batches_per_epoch(cfg, data)
+  total = total_steps_for(cfg, bpe)
+  trainer = Trainer(cfg, total_steps=total)
+  check_output_dir(out_dir, trainer.checkpoint_bytes)
+  if is_main:
+    ckpt.atomic_write_text(os.path.join(out_dir, ckpt.CONFIG_FILE), ckpt.dumps(rc.to_dict(cfg)))
+
+  best_mode = cfg.eval.best_mode if eval_fn is not None and t.eval_every else None
+  keep_steps = set(rc.keep_steps(cfg))
+  manager = ckpt.make_manager(out_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing,
+                              best_mode=best_mode, keep_steps=sorted(keep_steps))
+  trainer.init_state(base_params)
+  start, bad_steps = 0, 0
+  latest = manager.latest_step()
+  if latest is not None:
+    state, data_state, meta = ckpt.restore(manager, latest, trainer.abstract_state)
+    saved_fp = meta.get("base", {}).get("fingerprint")
+    if saved_fp != trainer.base_pointer["fingerprint"] and not force:
+      raise TrainingError(f"checkpoint {latest} in {out_dir!r} was trained on a different base "
+                          f"(fingerprint {saved_fp} != {trainer.base_pointer['fingerprint']}); "
+                          "use the same model.preset/hf_path/seed, or --force")
+    trainer.state = state
+    data.set_state(data_state)
+    start, bad_steps = int(latest), int(meta.get("bad_steps", 0))
+    log.info("resumed from %s at step %d", manager.directory, start)
+
+  tokens_per_step = t.global_batch * t.seq_len
+  peak = peak_flops_per_device(override=t.peak_flops)
+  flops_tok = train_flops_per_token(trainer.model_config, trainer.n_total, trainer.n_trainable,
+                                    t.seq_len)
+  writer = MetricsWriter(out_dir, enabled=is_main, tensorboard=t.tensorboard, total_steps=total,
+                         initial_step=start)
+  log.info("training %s: %d steps, %d/%d trainable params, mesh %s, %d devices",
+           "LoRA" if trainer.lora_config else "full FT", total, trainer.n_trainable,
+           trainer.n_total, dict(trainer.mesh.shape), jax.device_count())
+
+  def epoch_of(step):
+    return step / bpe if bpe else None
+
+  def meta_of(step):
+    return {"step": step, "tokens": step * tokens_per_step, "bad_steps": bad_steps,
+            "base": trainer.base_pointer, "lora": trainer.lora_config is not None}
+
+  last_saved = start if latest is not None else -1
+  window = {"t0": None, "steps": 0}
+
+  def save(step, best=None):
+    nonlocal last_saved
+    ckpt.save(manager, step, trainer.state, data.get_state(), meta_of(step), best=best)
+    last_saved = step
+
+  def handle(step, m):
+    nonlocal bad_steps
+    m = jax.device_get(m)
+    now = time.perf_counter()
+    if not bool(m["ok"]):
+      bad_steps += 1
+      if bad_steps > t.max_bad_steps:
+        raise TrainingError(
+            f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
+            f"finite ({bad_steps} bad steps > train.max_bad_steps={t.max_bad_steps}); stopped "
+            f"without saving; last good checkpoint: {manager.latest_step()}")
+      log.warning("step %d: non-finite loss/grad; update skipped (%d/%d)", step, bad_steps,
+                  t.max_bad_steps)
+    if window["t0"] is None:  # the first step of a session includes compilation: not timed
+      window["t0"], window["steps"] = now, 0
+    else:
+      window["steps"] += 1
+    writer.advance()
+    if step % t.log_every and step not in (1, total):
+      return
+    dt = (now - window["t0"]) / window["steps"] if window["steps"] else None
+    rec = {"step": step, "tokens": step * tokens_per_step, "epoch": epoch_of(step),
+           "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+           "loss_tokens": int(m["loss_tokens"]),
+           "tokens_per_s": tokens_per_step / dt if dt else None, "step_time_s": dt,
+           "mfu": (flops_tok * tokens_per_step / dt / (peak * jax.device_count())
+                   if dt and peak else None),
+           "trainable_params": trainer.n_trainable, "total_params": trainer.n_total}
+    mem = device_memory_bytes()
+    if mem is not None:
+      rec["device_memory_bytes"] = mem
+    writer.write(rec)
+    log.info("step %d loss %.4f grad_norm %.3f lr %.3g%s", step, rec["loss"], rec["grad_norm"],
+             rec["lr"], f" {rec['tokens_per_s']:.0f} tok/s" if rec["tokens_per_s"] else "")
+    window["t0"], window["steps"] = now, 0
+
+  step, pending, preempted = start, None, False
+  with _StopSignal() as stop:
+    while step < total:
+      if stop.should_stop():
+        preempted = True
+        break
+      try:
+        host_batch = next(data)
+      except StopIteration:
+        raise TrainingError(f"data ran out at step {step} of {total}") from None
+      metrics = trainer.step(host_batch)
+      step += 1
+      if pending is not None:  # the previous step's metrics: read while this step runs
+        handle(*pending)
+      pending = (step, metrics)
+      due_eval = eval_fn is not None and t.eval_every and (step % t.eval_every == 0 or
+                                                           step == total)
+      due_ckpt = (t.checkpoint_every and step % t.checkpoint_every == 0) or step in keep_steps
+      if due_eval or due_ckpt or step == total:
+        handle(*pending)
+        pending = None
+      best = None
+      if due_eval:
+        result = eval_fn(step, trainer.params())
+        writer.write({"step": step, "tokens": step * tokens_per_step, "epoch": epoch_of(step),
+                      "eval": result})
+        flat = _flatten_eval(result)
+        key = _best_key(cfg, flat) if best_mode else None
+        best = float(flat[key]) if key else None
+        window["t0"] = None  # do not count eval time as step time
+      if due_ckpt or best is not None:
+        save(step, best)
+    if pending is not None:
+      handle(*pending)
+    if last_saved != step:
+      save(step)
+    manager.wait_until_finished()
+    if preempted:
+      log.warning("preempted: checkpoint of step %d saved in %s; exiting with code %d", step,
+                  manager.directory, EXIT_PREEMPTED)
+  exports = {}
+  if not preempted and t.export != "none":
+    try:
+      exports = export(trainer, out_dir, t.export)
+    except ImportError as e:
+      log.warning("export skipped: %s", e)
+  manager.close()
+  writer.close()
+  return TrainResult(params=trainer.params(), config=cfg, model_config=trainer.model_config,
+                     lora_config=trainer.lora_config, metrics=writer.history, output_dir=out_dir,
+                     checkpoint_dir=str(manager.directory), exports=exports, step=step,
+                     preempted=preempted, exit_code=EXIT_PREEMPTED if preempted else 0)

@@ -1,0 +1,215 @@
+"""The training loop on one device: loss goes down, only LoRA trains, accumulation, resume,
+preemption, NaN handling, config checks on resume, exports."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lora_jax import run_config as rc
+from lora_jax.lora import LORA_LEAVES, count_params, tree_bytes
+from lora_jax.model import init_params
+from lora_jax.config import preset
+from lora_jax.train import EXIT_PREEMPTED, Trainer, TrainingError, train
+
+from _train_support import StandInData, tiny_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(result):
+  return [m["loss"] for m in result.metrics if "loss" in m]
+
+
+def _host(tree):
+  return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(dict(tree))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_lora", "tiny_full"])
+def test_tiny_configs_lower_the_loss(tmp_path, name):
+  cfg = rc.load_config(os.path.join(ROOT, "configs", f"{name}.py"),
+                       [f"output_dir={tmp_path}", "train.tensorboard=false"])
+  result = train(cfg)
+  losses = _losses(result)
+  assert result.step == cfg.train.steps and len(losses) >= 5
+  drop = 0.2 if name == "tiny_lora" else 1.0
+  assert losses[-1] < losses[0] - drop, losses
+  lines = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+  assert {"step", "tokens", "epoch", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s",
+          "mfu", "trainable_params", "total_params"} <= set(lines[-1])
+  assert lines[-1]["tokens"] == cfg.train.steps * cfg.train.global_batch * cfg.train.seq_len
+  export = "adapter" if name == "tiny_lora" else "hf"
+  assert os.path.isdir(result.exports[export])
+  assert os.path.exists(tmp_path / "config.json")
+
+
+def test_lora_trains_only_lora_leaves(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=2)
+  trainer = Trainer(cfg, total_steps=2)
+  trainer.init_state()
+  frozen_before = _host(trainer.frozen)
+  lora_before = _host(trainer.state.trainable)
+  data = StandInData(8, 32)
+  for _ in range(2):
+    trainer.step(next(data))
+  frozen_after, lora_after = _host(trainer.frozen), _host(trainer.state.trainable)
+  for path, x in _flat(frozen_before).items():
+    assert path[-1] not in LORA_LEAVES
+    np.testing.assert_array_equal(x, _flat(frozen_after)[path])  # bit-identical base
+  assert all(p[-1] in LORA_LEAVES for p in _flat(lora_after))
+  assert any(not np.array_equal(lora_before_x, _flat(lora_after)[p])
+             for p, lora_before_x in _flat(lora_before).items())
+  # Optimizer state: LionW's momentum for the LoRA leaves only (plus scalar counters).
+  big = [x for x in jax.tree_util.tree_leaves(trainer.state.opt_state) if x.ndim > 0]
+  n_lora = len(_flat(lora_after))
+  assert len(big) == n_lora == 2 * 7 * 2  # 2 layers x 7 modules x (A, B)
+  assert count_params(big) == count_params(lora_after) == trainer.n_trainable
+  assert tree_bytes(big) == tree_bytes(lora_after)
+  assert tree_bytes(big) < tree_bytes(frozen_after) / 5
+
+
+def _run_steps(cfg, n, data=None):
+  trainer = Trainer(cfg, total_steps=n)
+  trainer.init_state()
+  data = data or StandInData(cfg.train.global_batch, cfg.train.seq_len)
+  losses = [float(trainer.step(next(data))["loss"]) for _ in range(n)]
+  return losses, _host(trainer.params())
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_microbatches_equal_one_big_batch(tmp_path, lora):
+  cfg = tiny_cfg(tmp_path, lora=lora)
+  cfg.optimizer.name, cfg.optimizer.eps, cfg.optimizer.lr = "adamw", 1e-3, 1e-3
+  losses1, params1 = _run_steps(cfg, 2)
+  cfg.train.microbatches = 4  # 4 microbatches of 2 sequences
+  losses4, params4 = _run_steps(cfg, 2)
+  np.testing.assert_allclose(losses4, losses1, rtol=0, atol=1e-6)
+  for path, x in _flat(params1).items():
+    np.testing.assert_allclose(_flat(params4)[path], x, rtol=0, atol=1e-6, err_msg=str(path))
+
+
+class _SigtermAt(StandInData):
+  """Sends this process SIGTERM while producing batch `at` (0-based)."""
+
+  def __init__(self, *a, at: int, **kw):
+    super().__init__(*a, **kw)
+    self.at = at
+
+  def __next__(self):
+    if self.step == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__next__()
+
+
+def test_resume_after_preemption_is_bitwise_identical(tmp_path):
+  straight = train(tiny_cfg(tmp_path / "a", steps=6), data_iter=StandInData(8, 32))
+  cfg = tiny_cfg(tmp_path / "b", steps=6)
+  first = train(cfg, data_iter=_SigtermAt(8, 32, at=2))
+  assert first.preempted and first.exit_code == EXIT_PREEMPTED == 143 and first.step == 3
+  assert os.listdir(tmp_path / "b" / "checkpoints") == ["3"]
+  second = train(cfg, data_iter=StandInData(8, 32))
+  assert not second.preempted and second.step == 6
+  assert _losses(first) + _losses(second) == _losses(straight)  # exact float equality
+  a, b = _flat(_host(straight.params)), _flat(_host(second.params))
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path])
+  steps = [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "metrics.jsonl")]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  train(tiny_cfg(tmp_path, steps=2), data_iter=StandInData(8, 32))
+  cfg = tiny_cfg(tmp_path, steps=3)
+  cfg.optimizer.lr = 1e-2
+  with pytest.raises(TrainingError) as e:
+    train(cfg, data_iter=StandInData(8, 32))
+  assert "optimizer.lr" in str(e.value) and "train.steps" in str(e.value)
+  result = train(cfg, data_iter=StandInData(8, 32), force=True)  # resumes from step 2
+  assert result.step == 3 and [m["step"] for m in result.metrics] == [3]
+
+
+def _poisoned_base(token: int):
+  params = _host(init_params(preset("tiny"), jax.random.PRNGKey(0)))
+  params["embed_tokens"]["embedding"][token] = np.nan
+  return params
+
+
+class _PoisonAt(StandInData):
+  """Batches number `bad` (1-based steps) contain token 1, whose embedding is NaN."""
+
+  def __init__(self, *a, bad=(), **kw):
+    super().__init__(*a, **kw)
+    self.bad = set(bad)
+
+  def __next__(self):
+    batch = super().__next__()
+    if self.step in self.bad:
+      batch["tokens"][:, 5] = 1
+    return batch
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=4, checkpoint_every=1)
+  with pytest.raises(TrainingError, match="step 3"):
+    train(cfg, base_params=_poisoned_base(1), data_iter=_PoisonAt(8, 32, bad=[3]))
+  # nothing was saved past the last good step
+  assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) <= 2
+
+
+def test_nan_steps_are_skipped_up_to_max_bad_steps(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=5, max_bad_steps=2)
+  base = _poisoned_base(1)
+  result = train(cfg, base_params=base, data_iter=_PoisonAt(8, 32, bad=[2, 4]))
+  losses = _losses(result)
+  assert result.step == 5 and np.isnan(losses[1]) and np.isnan(losses[3])
+  assert all(np.isfinite(x) for i, x in enumerate(losses) if i not in (1, 3))
+  lora = [x for p, x in _flat(_host(result.params)).items() if p[-1] in LORA_LEAVES]
+  assert all(np.all(np.isfinite(x)) for x in lora)
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(TrainingError, match="output_dir"):
+    train(tiny_cfg(blocker / "run"), data_iter=StandInData(8, 32))
+
+
+def test_eval_fn_is_logged_and_best_checkpoint_kept(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=6, eval_every=2, keep_checkpoints=1)
+  scores = {2: 0.5, 4: 0.9, 6: 0.7}
+  calls = []
+
+  def eval_fn(step, params):
+    calls.append(step)
+    assert "lora_a" in str(jax.tree_util.tree_structure(params))
+    return {"val": {"loss": scores[step]}}
+
+  result = train(cfg, eval_fn=eval_fn, data_iter=StandInData(8, 32))
+  assert calls == [2, 4, 6]
+  evals = [m for m in result.metrics if "eval" in m]
+  assert [m["eval"]["val"]["loss"] for m in evals] == [0.5, 0.9, 0.7]
+  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert kept == [2, 6]  # best (min loss) + latest
+
+
+def test_exports_adapter_and_merged_hf(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=2, export="all")
+  result = train(cfg, data_iter=StandInData(8, 32))
+  assert set(result.exports) == {"adapter", "hf"}
+  with open(os.path.join(result.exports["adapter"], "adapter_config.json")) as f:
+    assert json.load(f)["r"] == 4
+  from lora_jax.interop.hf import load_hf
+  from lora_jax.lora import merge_lora
+  _, merged = load_hf(result.exports["hf"])
+  want = _flat(_host(merge_lora(result.params, result.lora_config)))
+  for path, x in _flat(merged).items():
+    np.testing.assert_allclose(x, want[path], atol=1e-6)
