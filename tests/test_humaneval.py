@@ -167,6 +167,30 @@ def test_mixed_samples_pass_at_k_and_diversity():
   assert by["unique_all"]["value"] == 3.0
 
 
+def test_rescore_saved_samples(tmp_path):
+  problems = humaneval.load_problems(FIXTURE)
+  samples = tmp_path / "s.jsonl"
+  rows = [{"task_id": "Fixture/2", "completion": problems[2]["canonical_solution"]},
+          {"task_id": "Fixture/2", "completion": "    return 0\n"},
+          {"task_id": "Fixture/0", "completion": problems[0]["canonical_solution"]}]
+  samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  entries = humaneval.evaluate_samples(str(samples), problems_path=FIXTURE,
+                                       out_dir=str(tmp_path / "o"))
+  by = _entries_by_metric(entries)
+  assert by["pass@1"]["value"] == pytest.approx((0.5 + 1.0) / 2)
+  assert by["pass@1"]["num_problems"] == 2 and by["pass@1"]["n"] == 1
+  out = [json.loads(l) for l in open(tmp_path / "o" / "humaneval_samples.jsonl")]
+  assert [(r["task_id"], r["passed"]) for r in out] == [("Fixture/2", True), ("Fixture/2", False),
+                                                         ("Fixture/0", True)]
+  samples.write_text(json.dumps({"task_id": "Nope/1", "completion": ""}) + "\n")
+  with pytest.raises(DataError, match="Nope/1"):
+    humaneval.evaluate_samples(str(samples), problems_path=FIXTURE)
+  samples.write_text('{"task_id": "Fixture/0"}\n')
+  with pytest.raises(DataError) as e:
+    humaneval.load_samples(str(samples))
+  assert e.value.where == f"{samples}:1"
+
+
 def test_generate_fn_shape_errors():
   with pytest.raises(ValueError, match="completion lists for 3 prompts"):
     humaneval.evaluate_humaneval(lambda prompts, **kw: [[""]], problems_path=FIXTURE, n_samples=1)

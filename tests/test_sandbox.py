@@ -1,6 +1,7 @@
 """Sandbox basics: verdicts, limits, isolation of the environment, clean-up, parallel runs."""
 
 import os
+import subprocess
 import tempfile
 import time
 
@@ -117,10 +118,29 @@ def test_process_limit(tmp_root):
          "  raise SystemExit(f'fork refused after {len(kids)}')\n")
   r = _run(src, tmp_root, max_procs=8, timeout_s=10)
   assert r.status == "failed" and "fork refused after" in r.result, r
-  assert sandbox.sandbox_processes() == []
+  assert sandbox.leaked_processes([r]) == []
 
 
 def test_run_many_keeps_order(tmp_root):
   programs = [f"assert {i} % 3 != 0\n" for i in range(9)]
   results = sandbox.run_many(programs, workers=3, tmp_root=tmp_root)
   assert [r.passed for r in results] == [i % 3 != 0 for i in range(9)]
+
+
+def test_leak_detector_sees_marked_and_pool_uid_processes():
+  # The hostile suite's "no leaked process" checks are only as good as this detector.
+  token = "leaktest" + str(os.getpid())
+  procs = [subprocess.Popen(["sleep", "30"], env={sandbox.MARKER_ENV: token})]
+  uid = None
+  if os.geteuid() == 0:
+    uid = sandbox.UID_BASE + sandbox.UID_SLOTS - 1 - os.getpid() % 100
+    procs.append(subprocess.Popen(["sleep", "30"], user=uid, group=uid, env={}))
+  try:
+    fake = sandbox.ExecResult("failed", "", 1, "", "", 0.0, run_id=token, uid=uid)
+    found = set(sandbox.leaked_processes([fake]))
+    assert {p.pid for p in procs} <= found
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  assert sandbox.leaked_processes([fake]) == []

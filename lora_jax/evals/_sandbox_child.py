@@ -117,6 +117,8 @@ def child(alive_r):
       soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
       top = soft + 1 if name == "CPU" else soft
       resource.setrlimit(rlim, (soft, top if hard == resource.RLIM_INFINITY else min(top, hard)))
+    if cfg["nice"]:
+      os.nice(cfg["nice"])
     uid = cfg["uid"]
     if uid is not None:
       os.setgroups([])

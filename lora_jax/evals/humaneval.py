@@ -177,6 +177,54 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mappi
   return paths
 
 
+def load_samples(path: str) -> list[dict]:
+  """Rows with `task_id` and `completion` (e.g. a humaneval_samples.jsonl) in file order."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"samples file not found: {path}. Expected jsonl rows with string "
+                            "fields task_id and completion")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError as e:
+        raise DataError(f"{path}:{lineno}", f"bad JSON ({e})") from None
+      if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                              for k in ("task_id", "completion")):
+        raise DataError(f"{path}:{lineno}", "expected an object with string task_id, completion")
+      rows.append(row)
+  return rows
+
+
+def evaluate_samples(samples_path: str, *, problems_path: str | None = None,
+                     out_dir: str | None = None, workers: int = 2, timeout_s: float = 10.0,
+                     ks: Iterable[int] = DEFAULT_KS, strip_prompt: bool = False) -> list[dict]:
+  """Re-execute saved completions (no model needed), e.g. inside a locked-down container.
+
+  Problems absent from the samples file are skipped; every task_id in it must be a problem.
+  """
+  path = problems_path or default_problems_path()
+  problems = {p["task_id"]: p for p in load_problems(path)}
+  grouped: dict[str, list[str]] = {}
+  for r in load_samples(samples_path):
+    if r["task_id"] not in problems:
+      raise DataError(samples_path, f"task_id {r['task_id']!r} is not in {path}")
+    grouped.setdefault(r["task_id"], []).append(r["completion"])
+  chosen = [problems[t] for t in grouped]
+  rows = score_completions(chosen, [grouped[p["task_id"]] for p in chosen], workers=workers,
+                           timeout_s=timeout_s, strip_prompt=strip_prompt)
+  info = sandbox.sandbox_info()
+  settings = {"samples_path": samples_path, "problems_path": path, "num_problems": len(chosen),
+              "timeout_s": timeout_s, "strip_prompt": strip_prompt,
+              "sandbox": {k: v for k, v in info.items() if k != "notes"}}
+  entries = summarize(rows, ks=ks, settings=settings)
+  if out_dir:
+    write_outputs(out_dir, rows, entries)
+  return entries
+
+
 def evaluate_humaneval(generate_fn: GenerateFn, *, problems_path: str | None = None,
                        n_samples: int = 50, temperature: float = 0.2, top_p: float = 0.95,
                        max_new_tokens: int = 512, limit: int | None = None,

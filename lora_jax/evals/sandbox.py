@@ -61,6 +61,8 @@ class ExecResult:
   stdout: str            # first `output_limit` bytes, decoded with errors="replace"
   stderr: str
   duration_s: float
+  run_id: str = ""        # marker token in the program's environment (see leaked_processes)
+  uid: int | None = None  # per-run uid the program ran under, if any
 
   @property
   def passed(self) -> bool:
@@ -102,20 +104,24 @@ def _other_can_traverse(path: str) -> bool:
     d = os.path.dirname(d)
 
 
-def _python_candidates(python: str | None, uid_switch: bool) -> list[str]:
-  first = python or os.environ.get("LORA_JAX_SANDBOX_PYTHON") or sys.executable
-  if python or not uid_switch:
-    return [first]
-  rest = [p for p in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3"))
-          if p and p != first]
-  return [p for p in [first] + rest if _other_can_use(p)]
+def _python_candidates(uid_switch: bool) -> list[str]:
+  """LORA_JAX_SANDBOX_PYTHON if set; else this interpreter, or (under a per-run uid, which may not
+  be able to read e.g. a venv under /root) the first system python3 that any user can run."""
+  if os.environ.get("LORA_JAX_SANDBOX_PYTHON"):
+    return [os.environ["LORA_JAX_SANDBOX_PYTHON"]]
+  if not uid_switch:
+    return [sys.executable]
+  cands = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")]
+  return [p for i, p in enumerate(cands) if p and p not in cands[:i] and _other_can_use(p)]
 
 
 def sandbox_info(refresh: bool = False) -> dict:
   """Which protections are active here, found by running a probe program (cached).
 
   Keys: the protection flags (uid_switch, user_ns, net_ns, pid_ns, mount_ns, ipc_ns, proc,
-  readonly_fs), `root`, `python` (interpreter that runs the programs) and `notes`.
+  readonly_fs), `root`, `python` (interpreter that runs the programs), `namespaces_enabled` and
+  `notes` (why a protection is missing). Environment: LORA_JAX_SANDBOX_PYTHON picks the program
+  interpreter; LORA_JAX_SANDBOX_NAMESPACES=0 skips namespaces (debugging; much weaker).
   """
   global _info
   with _info_lock:
@@ -130,7 +136,7 @@ def _probe() -> dict:
   notes = []
   tried = []
   for uid_switch in ([True, False] if root else [False]):
-    for python in _python_candidates(None, uid_switch):
+    for python in _python_candidates(uid_switch):
       tried.append(f"{python} (uid switch {uid_switch})")
       plan = {"uid_switch": uid_switch, "python": python, "require": {},
               "namespaces": namespaces}
@@ -163,25 +169,30 @@ _PROBE_SRC = "import sys\nassert sys.flags.isolated\n"
 
 
 class _UidLease:
-  def __init__(self):
+  """A free uid from the pool (or, with `uid`, that uid if free: `held` says whether it was)."""
+
+  def __init__(self, uid: int | None = None):
+    self.held = False
     start = random.randrange(UID_SLOTS)
-    for i in range(UID_SLOTS):
-      uid = UID_BASE + (start + i) % UID_SLOTS
+    cands = ([uid] if uid is not None else
+             (UID_BASE + (start + i) % UID_SLOTS for i in range(UID_SLOTS)))
+    for cand in cands:
       sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
       try:
-        sock.bind(f"\0lora_jax_sandbox_uid_{uid}")
+        sock.bind(f"\0lora_jax_sandbox_uid_{cand}")
       except OSError:
         sock.close()
         continue
-      if not _kill_uid(uid):  # a crashed evaluator may have left processes behind
+      if uid is None and not _kill_uid(cand):  # a crashed evaluator may have left processes
         sock.close()
         continue
-      self.uid, self._sock = uid, sock
+      self.uid, self._sock, self.held = cand, sock, True
       return
-    raise SandboxError(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are in use")
+    if uid is None:
+      raise SandboxError(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are in use")
 
   def release(self, clean: bool):
-    if clean:  # an uid whose processes could not all be killed stays reserved
+    if self.held and clean:  # an uid whose processes could not all be killed stays reserved
       self._sock.close()
 
 
@@ -258,18 +269,23 @@ def _kill_marked(token: str) -> bool:
                         _has_marker(pid, token), timeout_s=5.0)
 
 
-def sandbox_processes() -> list[int]:
-  """Live processes that belong to sandbox runs (per-run uid range or marker in the environment)."""
-  def match(pid, st):
-    uids = [int(u) for u in st.get("Uid", "").split() if u.isdigit()]
-    if any(UID_BASE <= u < UID_BASE + UID_SLOTS for u in uids):
-      return True
-    try:
-      with open(f"/proc/{pid}/environ", "rb") as f:
-        return any(v.startswith(MARKER_ENV.encode() + b"=") for v in f.read().split(b"\0"))
-    except OSError:
-      return False
-  return _live_pids(match)
+def leaked_processes(results: Iterable[ExecResult]) -> list[int]:
+  """Live processes left behind by these runs (their uid or marker); should always be [].
+
+  A per-run uid that another run holds right now is skipped (its processes are not leaks yet).
+  """
+  pids = set()
+  for r in results:
+    if r.run_id:
+      pids.update(_live_pids(lambda pid, st, t=r.run_id: _has_marker(pid, t)))
+    if r.uid is not None:
+      lease = _UidLease(r.uid)
+      if lease.held:
+        try:
+          pids.update(_live_pids(lambda pid, st, u=str(r.uid): u in st.get("Uid", "").split()))
+        finally:
+          lease.release(True)
+  return sorted(pids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +342,7 @@ def _exited(pid: int) -> bool:
 
 
 def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max_open_files,
-         file_size_mb, output_limit, tmp_root) -> tuple[ExecResult, dict]:
+         file_size_mb, output_limit, tmp_root, nice=0) -> tuple[ExecResult, dict]:
   t0 = time.monotonic()
   token = secrets.token_hex(8)
   nonce = secrets.token_hex(16).encode()
@@ -355,11 +371,10 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
     cfg = {
         "python": plan["python"], "wrapper": WRAPPER_SRC, "rundir": rundir,
         "fds": [nonce_r, res_w, st_w], "uid": lease.uid if lease else None,
-        "namespaces": plan["namespaces"],
+        "namespaces": plan["namespaces"], "nice": max(0, int(nice)),
         "limits": {"AS": memory_mb << 20, "CPU": cpu, "FSIZE": file_size_mb << 20,
                    "NOFILE": max_open_files, "NPROC": nproc, "CORE": 0},
-        "ro_check": sorted({"/", tmp_root, os.getcwd(), os.path.expanduser("~"), "/tmp",
-                            "/var/tmp", os.path.dirname(os.path.abspath(__file__))}),
+        "ro_check": _readonly_checks(tmp_root),
     }
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": rundir,
            "TMPDIR": os.path.join(rundir, "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -380,9 +395,9 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
                              res_r: caps["res"], st_r: caps["st"]}, t0 + timeout_s)
     # Kill everything: the program's uid, the launcher's process group (while the launcher's pid
     # is still reserved by its zombie), and anything carrying this run's marker.
-    if lease:
-      clean = _kill_uid(lease.uid)
     if timed_out:
+      if lease:
+        _kill_uid(lease.uid)
       _signal_group(proc.pid, signal.SIGTERM)  # the launcher SIGKILLs its child (the PID ns init)
       deadline = time.monotonic() + 2.0
       while not _exited(proc.pid) and time.monotonic() < deadline:
@@ -395,7 +410,8 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
     proc.wait()
     _pump(None, {proc.stdout.fileno(): caps["out"], proc.stderr.fileno(): caps["err"],
                  res_r: caps["res"], st_r: caps["st"]}, time.monotonic() + 1.0)
-    return _verdict(caps, nonce, timed_out, plan, time.monotonic() - t0)
+    return _verdict(caps, nonce, timed_out, plan, time.monotonic() - t0, token,
+                    lease.uid if lease else None)
   finally:
     for fd in pipes:
       try:
@@ -416,6 +432,17 @@ def _run(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max
         if not clean:
           clean = _kill_uid(lease.uid)
         lease.release(clean)
+
+
+def _readonly_checks(tmp_root: str) -> list[str]:
+  """Paths that must be read-only inside the sandbox for `readonly_fs` to be reported."""
+  paths = {"/", "/tmp", "/var/tmp", tmp_root, os.path.expanduser("~"),
+           os.path.dirname(os.path.abspath(__file__))}
+  try:
+    paths.add(os.getcwd())
+  except OSError:
+    pass
+  return sorted(paths)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -481,7 +508,8 @@ def _pump(proc, captures: dict, deadline: float) -> bool:
       os.close(pidfd)
 
 
-def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float):
+def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float, run_id: str,
+             uid: int | None):
   status = {}
   for line in bytes(caps["st"].data).decode("utf-8", "replace").splitlines():
     tag, _, payload = line.partition(" ")
@@ -503,7 +531,7 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float):
   out, err = caps["out"].text(), caps["err"].text()
 
   def result(st, detail):
-    return ExecResult(st, detail, rc, out, err, round(duration, 4)), got
+    return ExecResult(st, detail, rc, out, err, round(duration, 4), run_id, uid), got
 
   if timed_out:
     return result("timed_out", "timed out")
@@ -533,7 +561,7 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float):
 def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
                 cpu_s: float | None = None, max_procs: int = 32, max_open_files: int = 128,
                 file_size_mb: int = 16, output_limit: int = 1 << 16,
-                tmp_root: str | None = None) -> ExecResult:
+                tmp_root: str | None = None, nice: int = 0) -> ExecResult:
   """Run one program in the sandbox and say whether it ran to the end without an exception.
 
   `timeout_s` is the wall-clock limit (launcher start-up included); `cpu_s` the CPU-time rlimit
@@ -542,6 +570,7 @@ def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
   the user's current count); `file_size_mb` the largest file it may write; `output_limit` the
   bytes of stdout/stderr kept. `tmp_root` is where the per-run directory is made (default: the
   system temp dir; it must be traversable by other users when the evaluator runs as root).
+  `nice` > 0 lowers the program's CPU priority (kinder to other jobs on a shared machine).
   """
   info = sandbox_info()
   plan = {"uid_switch": info["uid_switch"], "python": info["python"],
@@ -549,7 +578,7 @@ def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
           "require": {k: info[k] for k in _PROTECTIONS if k != "uid_switch"}}
   res, _ = _run(source, plan, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s,
                 max_procs=max_procs, max_open_files=max_open_files, file_size_mb=file_size_mb,
-                output_limit=output_limit, tmp_root=tmp_root)
+                output_limit=output_limit, tmp_root=tmp_root, nice=nice)
   return res
 
 
@@ -564,4 +593,4 @@ def run_many(programs: Iterable[str], *, workers: int = 2, **kwargs) -> list[Exe
 
 
 __all__ = ["ExecResult", "SandboxError", "run_program", "run_many", "sandbox_info",
-           "sandbox_processes", "STATUSES"]
+           "leaked_processes", "STATUSES"]
