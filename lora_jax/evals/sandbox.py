@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from lora_jax.evals._sandbox_child import LAUNCHER_SRC, WRAPPER_SRC
 
@@ -131,6 +131,9 @@ def sandbox_info(refresh: bool = False) -> dict:
 
 
 def _probe() -> dict:
+  if not sys.platform.startswith("linux"):
+    raise SandboxError(f"the code execution sandbox needs Linux (/proc, namespaces, pidfds); "
+                       f"this is {sys.platform}")
   root = os.geteuid() == 0
   namespaces = os.environ.get("LORA_JAX_SANDBOX_NAMESPACES", "1") != "0"
   notes = []
