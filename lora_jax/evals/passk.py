@@ -13,7 +13,7 @@ import numpy as np
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-  """Probability that at least one of k samples (drawn without replacement from n, c correct) passes."""
+  """P(at least one of k samples drawn without replacement from n, c of them correct, passes)."""
   n, c, k = int(n), int(c), int(k)
   if not 0 <= c <= n:
     raise ValueError(f"pass@k needs 0 <= c <= n, got n={n}, c={c}")
