@@ -133,7 +133,7 @@ def test_canonical_and_empty_on_fixture(tmp_path):
   assert call["seed"] == 7 and call["stop"] == list(humaneval.STOP_BIGCODE)
   assert by["unique_passing"]["value"] == 1.0 and by["unique_failing"]["value"] == 0.0
   # Files: one row per sample with the truncated completion; the results file equals the return.
-  rows = [json.loads(l) for l in open(tmp_path / "out" / "humaneval_samples.jsonl")]
+  rows = [json.loads(l) for l in open(tmp_path / "out" / "samples_humaneval.jsonl")]
   assert len(rows) == 6 and {r["result"] for r in rows} == {"passed"}
   assert rows[1]["task_id"] == "Fixture/0" and rows[1]["sample"] == 1
   assert "junk" not in rows[0]["completion"]
@@ -179,7 +179,7 @@ def test_rescore_saved_samples(tmp_path):
   by = _entries_by_metric(entries)
   assert by["pass@1"]["value"] == pytest.approx((0.5 + 1.0) / 2)
   assert by["pass@1"]["num_problems"] == 2 and by["pass@1"]["n"] == 1
-  out = [json.loads(l) for l in open(tmp_path / "o" / "humaneval_samples.jsonl")]
+  out = [json.loads(l) for l in open(tmp_path / "o" / "samples_humaneval.jsonl")]
   assert [(r["task_id"], r["passed"]) for r in out] == [("Fixture/2", True), ("Fixture/2", False),
                                                          ("Fixture/0", True)]
   samples.write_text(json.dumps({"task_id": "Nope/1", "completion": ""}) + "\n")

@@ -22,7 +22,7 @@ import tempfile
 from typing import Callable, Iterable, Mapping, Sequence
 
 from lora_jax.data.errors import DataError, describe_type
-from lora_jax.evals import diversity, passk, sandbox
+from lora_jax.evals import diversity, passk, results, sandbox
 
 TASK = "humaneval"
 STOP_BIGCODE = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
@@ -114,10 +114,10 @@ def score_completions(problems: Sequence[Mapping], completions: Sequence[Sequenc
   if len(completions) != len(problems):
     raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
   jobs = [(p, j, c) for p, cs in zip(problems, completions) for j, c in enumerate(cs)]
-  results = sandbox.run_many([build_program(p, c, strip_prompt=strip_prompt) for p, _, c in jobs],
-                             workers=workers, timeout_s=timeout_s, **sandbox_kwargs)
+  outcomes = sandbox.run_many([build_program(p, c, strip_prompt=strip_prompt) for p, _, c in jobs],
+                              workers=workers, timeout_s=timeout_s, **sandbox_kwargs)
   return [{"task_id": p["task_id"], "sample": j, "completion": c, "passed": r.passed,
-           "result": r.result} for (p, j, c), r in zip(jobs, results)]
+           "result": r.result} for (p, j, c), r in zip(jobs, outcomes)]
 
 
 def summarize(rows: Sequence[Mapping], *, ks: Iterable[int] = DEFAULT_KS,
@@ -168,17 +168,17 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mapping]) -> dict:
-  """Atomically writes humaneval_samples.jsonl and humaneval_results.json; returns their paths."""
+  """Atomically writes samples_humaneval.jsonl (the per-sample rows, named like every task's in
+  evals/results.py) and humaneval_results.json (these entries); returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"samples": os.path.join(out_dir, "humaneval_samples.jsonl"),
+  paths = {"samples": results.write_samples(out_dir, TASK, rows),
            "results": os.path.join(out_dir, "humaneval_results.json")}
-  _write_atomic(paths["samples"], "".join(json.dumps(r) + "\n" for r in rows))
   _write_atomic(paths["results"], json.dumps(list(entries), indent=1) + "\n")
   return paths
 
 
 def load_samples(path: str) -> list[dict]:
-  """Rows with `task_id` and `completion` (e.g. a humaneval_samples.jsonl) in file order."""
+  """Rows with `task_id` and `completion` (e.g. a samples_humaneval.jsonl) in file order."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"samples file not found: {path}. Expected jsonl rows with string "
                             "fields task_id and completion")
@@ -234,8 +234,9 @@ def evaluate_humaneval(generate_fn: GenerateFn, *, problems_path: str | None = N
   """Generate `n_samples` completions per problem, execute them, return result entries.
 
   Entries: `pass@k` for each k in `ks` with k <= n_samples, then `unique_passing`,
-  `unique_failing`, `unique_all` (see diversity.py). With `out_dir`, the per-sample rows and the
-  entries are also written there (atomically). `strip_prompt=True` feeds and executes
+  `unique_failing`, `unique_all` (see diversity.py); in all of them `n` is the number of samples
+  per problem and `num_problems` the number of problems. With `out_dir`, the per-sample rows and
+  the entries are also written there (atomically). `strip_prompt=True` feeds and executes
   `prompt.strip()` (bigcode's default "humaneval" task); the default keeps the prompt as is.
   """
   if n_samples < 1:
