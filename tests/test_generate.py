@@ -159,3 +159,28 @@ def test_text_helpers():
   assert first_stop("abc", ["x"]) is None
   ids = TOK.encode("Hello")
   assert continuation_text(TOK, [1] + ids, TOK.encode(" world")) == " world"
+
+
+@pytest.mark.interop
+def test_greedy_generation_matches_transformers(tmp_path):
+  torch = pytest.importorskip("torch")
+
+  from lora_jax.interop.hf import load_hf
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.LlamaConfig(
+      vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
+      pad_token_id=None)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  model.save_pretrained(str(tmp_path / "hf"))
+  config, params = load_hf(str(tmp_path / "hf"))
+  prompts = [[1] + TOK.encode("def add(a, b):"), [1] + TOK.encode("Q: 2+2?"), [1, 70]]
+  ours = Generator(config, params, None, TOK, batch_size=4, eos_ids=()).generate_tokens(
+      prompts, max_new_tokens=8)
+  for p, got in zip(prompts, ours):
+    with torch.no_grad():
+      ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                           attention_mask=torch.ones(1, len(p), dtype=torch.long))
+    assert got == ref[0, len(p):].tolist()

@@ -1,5 +1,7 @@
 """Log-likelihood scoring against a direct log-softmax; lm-eval tokenization of pairs."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -113,3 +115,45 @@ def test_boundary_merge_counts_in_continuation():
       return [9] if text == "ab" else [5 + ord(c) for c in text]
   ctx, cont = encode_pair(MergeTok(), "a", "b", add_bos=False)
   assert ctx == [5 + ord("a")] and cont == []  # whole "ab" is one token: nothing left to split
+
+
+# --------------------------------------------------------------------------- interop
+def tiny_hf_llama(tmp_path, seed=0):
+  """A random transformers LlamaForCausalLM (GQA, byte-tokenizer vocab) and its saved dir."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.LlamaConfig(
+      vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
+      pad_token_id=None)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  path = str(tmp_path / "hf-tiny")
+  model.save_pretrained(path)
+  return model, path
+
+
+@pytest.mark.interop
+def test_choice_loglikelihoods_match_transformers(tmp_path):
+  torch = pytest.importorskip("torch")
+  from lora_jax.evals import multiple_choice as mc
+  from lora_jax.evals.task_data import read_rows
+  from lora_jax.interop.hf import load_hf
+  model, path = tiny_hf_llama(tmp_path)
+  config, params = load_hf(path)
+  fix = os.path.join(os.path.dirname(__file__), "fixtures", "evals")
+  docs = mc.parse_docs("arc_challenge", read_rows(fix + "/arc_challenge/test.jsonl"))[:2]
+  docs += mc.parse_docs("winogrande", read_rows(fix + "/winogrande/validation.jsonl"))[:2]
+  requests = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations)]
+  ours = Scorer(config, params, None, TOK, batch_size=4).score(requests)
+  worst = 0.0
+  for (ctx, cont), s in zip(requests, ours):
+    c, x = encode_pair(TOK, ctx, cont)
+    with torch.no_grad():
+      logits = model(torch.tensor([c + x])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    ref = sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(x))
+    worst = max(worst, abs(ref - s.logprob))
+  print(f"max |ours - transformers| per-choice log-likelihood: {worst:.2e}")
+  assert worst < 1e-4, worst
