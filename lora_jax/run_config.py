@@ -30,7 +30,7 @@ SCHEDULES = ("cosine_with_warmup", "inv_sqrt_with_warmup", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 REGIMES = ("cpt", "ift")
 SOURCES = ("synthetic", "jsonl", "parquet", "arrayrecord", "tfds")
-EXPORTS = ("auto", "adapter", "hf", "all", "none")
+EXPORTS = ("auto", "adapter", "hf", "native", "all", "none")
 MESH_AXES = ("data", "fsdp", "tensor")
 # Keys that may differ between a run and its resumption without --force (they change neither
 # the numerics nor the data order): logging, evaluation cadence, checkpoint bookkeeping, mesh.
@@ -112,8 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
   # token milestones for the spectral analysis).
   c.train.keep_steps = ""
   c.train.async_checkpointing = True
-  # "auto": PEFT adapter for LoRA, HF dir for full FT; "adapter"; "hf" (merged for LoRA);
-  # "all" (both for LoRA); "none".
+  # Under output_dir/export/: "auto" = adapter/ (PEFT) for LoRA, plus native/ (lora-jax
+  # checkpoint) when the base is a preset init, hf/ for full FT; "adapter"; "hf" (LoRA merged);
+  # "native"; "all"; "none".
   c.train.export = "auto"
   c.train.max_bad_steps = 0  # NaN/Inf steps to skip before stopping (0: stop at the first)
   c.train.tensorboard = True

@@ -50,7 +50,7 @@ log = logging.getLogger("lora_jax.train")
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the conventional "terminated, may be requeued" status
 __all__ = ["train", "Trainer", "TrainResult", "TrainingError", "EXIT_PREEMPTED",
-           "make_train_step", "TrainState", "model_config_from"]
+           "make_train_step", "TrainState", "model_config_from", "load_run", "export"]
 
 
 class TrainingError(RuntimeError):
@@ -306,7 +306,8 @@ def total_steps_for(cfg, batches_per_epoch: int | None) -> int:
     return int(t.steps)
   if t.epochs:
     if not batches_per_epoch:
-      raise rc.ConfigError("train.epochs", "the data iterator does not know its epoch length")
+      raise rc.ConfigError("train.epochs", "the data has no epoch length (an epoch smaller than "
+                           "one global batch, or an unsized stream); use train.steps")
     return max(1, math.ceil(t.epochs * batches_per_epoch))
   return max(1, math.ceil(t.token_budget / (t.global_batch * t.seq_len)))
 
@@ -335,9 +336,11 @@ def export(trainer: Trainer, output_dir: str, mode: str) -> dict[str, str]:
   kinds: list[str] = []
   if mode == "auto":
     kinds = ["hf"] if lora is None or lora.init == "pissa" else ["adapter"]
+    if lora is not None and not trainer.cfg.model.hf_path:
+      kinds.append("native")  # the adapter's base (a preset init) exists nowhere on disk
   elif mode == "all":
-    kinds = ["hf"] if lora is None else ["adapter", "hf"]
-  elif mode in ("adapter", "hf"):
+    kinds = ["hf", "native"] if lora is None else ["adapter", "hf", "native"]
+  elif mode in ("adapter", "hf", "native"):
     kinds = [mode]
   if "adapter" in kinds and lora is None:
     raise rc.ConfigError("train.export", "'adapter' needs a LoRA run (lora.enabled=True)")
@@ -360,10 +363,49 @@ def export(trainer: Trainer, output_dir: str, mode: str) -> dict[str, str]:
       save_hf(path, trainer.model_config, host, lora_config=lora)
     out["hf"] = path
     del host
+  if "native" in kinds:
+    from lora_jax.interop.native import save_checkpoint
+    host = sharding.gather_to_host(trainer.params())
+    path = os.path.join(root, "native")
+    if jax.process_index() == 0:
+      step = int(jax.device_get(trainer.state.step))
+      save_checkpoint(path, trainer.model_config, host, lora, metadata={
+          "step": step, "tokens": step * trainer.cfg.train.global_batch * trainer.cfg.train.seq_len,
+          "base": trainer.base_pointer, "run": os.path.abspath(output_dir)})
+    out["native"] = path
+    del host
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("lora_jax_export")
   return out
+
+
+def load_run(output_dir: str, step: int | None = None, *, base_params: Any = None,
+             force: bool = False) -> tuple[LlamaConfig, Any, dict, dict]:
+  """(model_config, lora_config, params, meta) of a training checkpoint in `output_dir` (the
+  latest, or `step`): the frozen base is rebuilt from the run's pointer (preset init, HF dir or
+  `base_params`) and checked against the saved fingerprint. Loads on the current devices
+  whatever mesh the run used."""
+  with open(os.path.join(output_dir, ckpt.CONFIG_FILE)) as f:
+    cfg = rc.from_dict(json.load(f))
+  trainer = Trainer(cfg, total_steps=1, mesh=sharding.make_mesh(None))
+  manager = ckpt.make_manager(output_dir, keep=max(cfg.train.keep_checkpoints, 1),
+                              async_save=False)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"{output_dir}: no checkpoint {'' if step is None else step} "
+                              f"(have {sorted(manager.all_steps())})")
+    trainer.init_state(base_params)
+    state, _, meta = ckpt.restore(manager, step, trainer.abstract_state)
+  finally:
+    manager.close()
+  saved = meta.get("base", {}).get("fingerprint")
+  if saved != trainer.base_pointer["fingerprint"] and not force:
+    raise TrainingError(f"{output_dir}: checkpoint {step} was trained on a different base "
+                        f"(fingerprint {saved} != {trainer.base_pointer['fingerprint']})")
+  trainer.state = state
+  return trainer.model_config, trainer.lora_config, trainer.params(), meta
 
 
 # --------------------------------------------------------------------------- train

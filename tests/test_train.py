@@ -14,7 +14,7 @@ from lora_jax import run_config as rc
 from lora_jax.lora import LORA_LEAVES, count_params, tree_bytes
 from lora_jax.model import init_params
 from lora_jax.config import preset
-from lora_jax.train import EXIT_PREEMPTED, Trainer, TrainingError, train
+from lora_jax.train import EXIT_PREEMPTED, Trainer, TrainingError, load_run, train
 
 from _train_support import StandInData, tiny_cfg
 
@@ -201,10 +201,21 @@ def test_eval_fn_is_logged_and_best_checkpoint_kept(tmp_path):
   assert kept == [2, 6]  # best (min loss) + latest
 
 
-def test_exports_adapter_and_merged_hf(tmp_path):
+def test_exports_and_load_run(tmp_path):
   cfg = tiny_cfg(tmp_path, steps=2, export="all")
   result = train(cfg, data_iter=StandInData(8, 32))
-  assert set(result.exports) == {"adapter", "hf"}
+  assert set(result.exports) == {"adapter", "hf", "native"}
+  # the training checkpoint reloads (base rebuilt from its pointer) to the same params
+  model_config, lora_config, params, meta = load_run(str(tmp_path))
+  assert meta["step"] == 2 and lora_config == result.lora_config
+  want_params = _flat(_host(result.params))
+  for path, x in _flat(_host(params)).items():
+    np.testing.assert_array_equal(x, want_params[path])
+  from lora_jax.interop.native import load_checkpoint
+  _, native, native_lora = load_checkpoint(result.exports["native"])
+  assert native_lora == result.lora_config
+  for path, x in _flat(native).items():
+    np.testing.assert_array_equal(x, want_params[path])
   with open(os.path.join(result.exports["adapter"], "adapter_config.json")) as f:
     assert json.load(f)["r"] == 4
   from lora_jax.interop.hf import load_hf
@@ -213,3 +224,38 @@ def test_exports_adapter_and_merged_hf(tmp_path):
   want = _flat(_host(merge_lora(result.params, result.lora_config)))
   for path, x in _flat(merged).items():
     np.testing.assert_allclose(x, want[path], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_sigterm_checkpoints_and_exits_143(tmp_path):
+  import subprocess
+  import sys
+  import time
+  from _train_support import CACHE_ENV
+  out = tmp_path / "run"
+  cmd = [sys.executable, "-m", "lora_jax.cli", "train", "--config",
+         os.path.join(ROOT, "configs", "tiny_lora.py"), f"--config.output_dir={out}",
+         "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=0", "--config.train.tensorboard=false"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **CACHE_ENV)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+      if (out / "metrics.jsonl").exists() and len(open(out / "metrics.jsonl").readlines()) >= 3:
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    took = time.time() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+  assert took < 30, took
+  assert "preempted" in stderr
+  saved = [int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3

@@ -43,15 +43,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_fn(cfg):
-  """An eval_fn for eval.tasks, from lora_jax.evals (None when no tasks are configured)."""
+  """eval_fn(step, params) running eval.tasks with lora_jax.evals (None without tasks)."""
   if not cfg.eval.tasks or not cfg.train.eval_every:
     return None
-  from lora_jax import evals
-  make = getattr(evals, "make_train_eval_fn", None)
-  if make is None:
-    raise SystemExit("eval.tasks is set but lora_jax.evals has no make_train_eval_fn yet; "
-                     "set --config.train.eval_every=0 and evaluate after training")
-  return make(cfg)
+  import os
+
+  from lora_jax import run_config as rc
+  from lora_jax.data import load_tokenizer
+  from lora_jax.evals.runner import EvalOptions, check_data, expand_tasks, run_evals
+  from lora_jax.train import model_config_from
+  try:
+    tasks = expand_tasks(cfg.eval.tasks)
+    options = EvalOptions(data_dir=cfg.eval.data_dir or None, limit=cfg.eval.limit or None,
+                          progress=False)
+    check_data(tasks, options)  # missing eval files fail now, not after hours of training
+  except (ValueError, FileNotFoundError) as e:
+    raise rc.ConfigError("eval.tasks", str(e)) from None
+  model_config, lora = model_config_from(cfg), rc.lora_config(cfg)
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  log = logging.getLogger("lora_jax.eval").info
+
+  def eval_fn(step, params):
+    results = run_evals(model_config, params, lora, tokenizer, tasks, options,
+                        out_dir=os.path.join(cfg.output_dir, "eval", f"step_{step}"), step=step,
+                        log=log)
+    out: dict = {}
+    for e in results["results"]:
+      out.setdefault(e["task"], {})[e["metric"]] = e["value"]
+    return out
+
+  return eval_fn
 
 
 def run(args) -> int:
