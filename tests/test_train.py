@@ -111,7 +111,10 @@ class _SigtermAt(StandInData):
 
 
 def test_resume_after_preemption_is_bitwise_identical(tmp_path):
-  straight = train(tiny_cfg(tmp_path / "a", steps=6), data_iter=StandInData(8, 32))
+  # the straight run also checkpoints every step asynchronously while the next steps donate
+  # (overwrite) the state buffers: its step-3 checkpoint must hold the step-3 params exactly
+  straight = train(tiny_cfg(tmp_path / "a", steps=6, checkpoint_every=1, keep_checkpoints=6,
+                            async_checkpointing=True), data_iter=StandInData(8, 32))
   cfg = tiny_cfg(tmp_path / "b", steps=6)
   first = train(cfg, data_iter=_SigtermAt(8, 32, at=2))
   assert first.preempted and first.exit_code == EXIT_PREEMPTED == 143 and first.step == 3
@@ -124,6 +127,25 @@ def test_resume_after_preemption_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(a[path], b[path])
   steps = [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4, 5, 6]
+  _, _, at3, _ = load_run(str(tmp_path / "a"), 3)
+  want = _flat(_host(first.params))
+  for path, x in _flat(_host(at3)).items():
+    np.testing.assert_array_equal(x, want[path])
+
+
+def test_remat_and_bf16_compute(tmp_path):
+  ref, _ = _run_steps(tiny_cfg(tmp_path, steps=2), 2)
+  cfg = tiny_cfg(tmp_path, steps=2)
+  cfg.model.remat = True
+  remat, _ = _run_steps(cfg, 2)
+  np.testing.assert_allclose(remat, ref, rtol=0, atol=1e-6)
+  cfg = tiny_cfg(tmp_path, steps=2)
+  cfg.model.dtype = "bfloat16"
+  trainer = Trainer(cfg, total_steps=2)
+  trainer.init_state()
+  m = trainer.step(next(StandInData(8, 32)))
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(trainer.state.trainable))
+  assert abs(float(m["loss"]) - ref[0]) < 0.05  # bf16 matmuls, f32 loss and params
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
