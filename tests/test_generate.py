@@ -20,7 +20,7 @@ TOK = ByteTokenizer()
 
 @pytest.fixture(scope="module")
 def base_params():
-  return init_params(CFG, jax.random.key(0))
+  return jax.jit(functools.partial(init_params, CFG))(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,29 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
   return prefix + ctx, cont
 
 
+_SCORE_FNS: dict = {}
+
+
+def _score_fn(config: LlamaConfig, lora: LoraConfig | None):
+  """Jitted per-token log-probs for one model shape, shared by every Scorer (one compile cache);
+  the Counter counts traces by input shape."""
+  key = (repr(config), repr(lora), jax.default_backend())
+  if key not in _SCORE_FNS:
+    model = Llama(config, lora=lora)
+    counts: collections.Counter = collections.Counter()
+
+    def token_logprobs(params, inputs_BL, targets_BL, segments_BL):
+      counts[inputs_BL.shape] += 1
+      logits_BLV = model.apply({"params": params}, inputs_BL, None, segments_BL)
+      logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+      logp_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+      greedy_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
+      return logp_BL, greedy_BL
+
+    _SCORE_FNS[key] = (jax.jit(token_logprobs), counts)
+  return _SCORE_FNS[key]
+
+
 class Scorer:
   """Batched log-likelihoods for one model (LoRA leaves applied unmerged when present)."""
 
@@ -69,7 +92,6 @@ class Scorer:
     self.batch_size = int(batch_size)
     self.add_bos = add_bos
     self.max_length = int(max_length or config.max_position_embeddings)
-    self.trace_count = collections.Counter()
     self._sharding, self._multiple = None, 1
     if mesh is not None:
       from jax.sharding import NamedSharding, PartitionSpec
@@ -77,17 +99,7 @@ class Scorer:
       axes = axes or (mesh.axis_names[0],)
       self._multiple = int(np.prod([mesh.shape[a] for a in axes]))
       self._sharding = NamedSharding(mesh, PartitionSpec(axes))
-    model = Llama(config, lora=lora_config)
-
-    def token_logprobs(params, inputs_BL, targets_BL, segments_BL):
-      self.trace_count[inputs_BL.shape] += 1
-      logits_BLV = model.apply({"params": params}, inputs_BL, None, segments_BL)
-      logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-      logp_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
-      greedy_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
-      return logp_BL, greedy_BL
-
-    self._fn = jax.jit(token_logprobs)
+    self._fn, self.trace_count = _score_fn(config, lora_config)
 
   def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     return encode_pair(self.tokenizer, context, continuation, self.add_bos)
