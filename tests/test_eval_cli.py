@@ -112,3 +112,16 @@ def test_run_evals_lora_unmerged_equals_merged(data_dir, tmp_path):
   np.testing.assert_allclose(la, lb, atol=1e-4)
   assert np.abs(np.asarray(la) - np.asarray(lc)).max() > 1e-3
   assert a["headline"]["winogrande"] == b["headline"]["winogrande"]
+  # The same adapter through the CLI: HF base dir + PEFT adapter dir, applied unmerged.
+  from lora_jax.interop.hf import save_hf
+  from lora_jax.interop.peft import save_peft
+  base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+  save_hf(base_dir, CFG, init_params(CFG, jax.random.key(0)))
+  save_peft(adapter_dir, CFG, lora, params, base_model_name_or_path=base_dir)
+  rc = cli.main(["eval", "--model", base_dir, "--adapter", adapter_dir, "--tokenizer", "byte",
+                 "--data-dir", data_dir, "--tasks", "winogrande", "--limit", "2",
+                 "--num-fewshot", "winogrande=1", "--batch-size", "4", "--quiet",
+                 "--out", str(tmp_path / "d")])
+  assert rc == 0
+  assert res.read_results(str(tmp_path / "d"))["adapter"] == adapter_dir
+  np.testing.assert_allclose([r["logprobs"] for r in rows("d")], la, atol=1e-4)
