@@ -75,6 +75,17 @@ def test_load_run_reads_every_source():
   assert len(xs) == 40 and ys[0] > ys[-1]
 
 
+def test_eval_results_in_subdirectories(tmp_path):
+  """`lora-jax eval --out <run>/evals/<name>` writes <name>/results.json; both layouts are read."""
+  shutil.copytree(os.path.join(FIXTURES, "full"), tmp_path / "r")
+  evals = tmp_path / "r" / "evals"
+  (evals / "step_000020").mkdir()
+  os.rename(evals / "step_000020.json", evals / "step_000020" / "results.json")
+  run = runs_lib.load_run(str(tmp_path / "r"))
+  assert [e.step for e in run.evals] == [0, 10, 20, 30, 40]
+  assert run.evals[2].scores["humaneval"] == 0.46
+
+
 def test_labels_are_made_unique(tmp_path):
   for name in ("a", "b"):
     shutil.copytree(os.path.join(FIXTURES, "full"), tmp_path / name)

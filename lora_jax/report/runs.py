@@ -3,7 +3,8 @@
 A run directory holds
   metrics.jsonl      training lines {"step", "tokens", "epoch", "loss", "lr", ...} and eval lines
                      {"step", "tokens", "epoch", "eval": {task: {metric: value}}}
-  evals/*.json       optional, one per checkpoint: {"model", "adapter", "step", "tokens",
+  evals/*.json       optional, one per checkpoint (or evals/<name>/results.json, as `lora-jax
+                     eval --out` writes): {"model", "adapter", "step", "tokens",
                      "results": [{"task", "metric", "value", ...}], "headline": {task: value}}
   run.json           optional flat summary {"method": "full"|"lora", "rank", "targets", "lr", "label"}
   config.json        optional full run config (lora.enabled, lora.rank, lora.targets, optimizer.lr)
@@ -115,9 +116,10 @@ def read_jsonl(path: str) -> list[dict]:
 
 def _eval_json_point(doc: dict) -> EvalPoint:
   scores: dict[str, float] = {}
-  for r in doc.get("results", []):
-    if _num(r.get("value")) and r.get("task") not in scores:
-      scores[r["task"]] = float(r["value"])
+  results = [r for r in doc.get("results", []) if _num(r.get("value")) and r.get("task")]
+  is_headline = lambda r: r.get("metric") == (r.get("settings") or {}).get("headline_metric")
+  for r in sorted(results, key=lambda r: not is_headline(r)):  # headline metrics first
+    scores.setdefault(r["task"], float(r["value"]))
   for task, value in (doc.get("headline") or {}).items():
     if _num(value):
       scores[task] = float(value)
@@ -176,7 +178,9 @@ def load_run(path: str, label: str | None = None) -> Run:
       scores = {t: v for t, m in r["eval"].items() if (v := pick_metric(m)) is not None}
       points[r.get("step")] = EvalPoint(r.get("step"), r.get("tokens"), r.get("epoch"),
                                         with_forgetting(scores))
-  for f in sorted(glob.glob(os.path.join(path, "evals", "*.json"))):
+  eval_files = (glob.glob(os.path.join(path, "evals", "*.json"))
+                + glob.glob(os.path.join(path, "evals", "*", "results.json")))
+  for f in sorted(eval_files):
     with open(f) as fh:
       p = _eval_json_point(json.load(fh))
     old = points.get(p.step)
