@@ -1,4 +1,4 @@
-"""The training loop: `train(cfg) -> TrainResult`, and `Trainer` for benchmarks.
+"""The training loop: `train(cfg) -> TrainResult`; `load_run` reopens a run's checkpoint.
 
 Order of work (every check that can fail does so before anything expensive):
   1. validate the config (keys, types, values; then the mesh against the devices);
@@ -29,22 +29,18 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from lora_jax import checkpoint as ckpt
 from lora_jax import run_config as rc
 from lora_jax import sharding
-from lora_jax.config import LlamaConfig, preset
-from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
-                           trainable_labels)
-from lora_jax.metrics import MetricsWriter, device_memory_bytes, peak_flops_per_device
-from lora_jax.metrics import train_flops_per_token
-from lora_jax.model import Llama, init_params, param_logical_axes, param_shapes
-from lora_jax.optim import make_optimizer
-from lora_jax.train_state import (BATCH_KEYS, TrainState, init_train_state, make_train_step,
-                                  state_shardings)
+from lora_jax.config import LlamaConfig
+from lora_jax.lora import combine_params
+from lora_jax.metrics import (MetricsWriter, device_memory_bytes, peak_flops_per_device,
+                              train_flops_per_token)
+from lora_jax.train_state import TrainState, make_train_step
+from lora_jax.trainer import Trainer, model_config_from
 
 log = logging.getLogger("lora_jax.train")
 
@@ -70,139 +66,6 @@ class TrainResult:
   step: int
   preempted: bool = False
   exit_code: int = 0
-
-
-# --------------------------------------------------------------------------- model config
-def model_config_from(cfg: ml_collections.ConfigDict) -> LlamaConfig:
-  """LlamaConfig of the run: preset or HF config.json, + model.overrides and numerics."""
-  m = cfg.model
-  if m.hf_path:
-    with open(os.path.join(m.hf_path, "config.json")) as f:
-      base = LlamaConfig.from_hf(json.load(f))
-  else:
-    base = preset(m.preset)
-  overrides = dict(m.overrides.to_dict() if hasattr(m.overrides, "to_dict") else m.overrides)
-  try:
-    return base.replace(**overrides, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                        attention_dropout=m.attention_dropout)
-  except (TypeError, ValueError) as e:
-    raise rc.ConfigError("model.overrides", str(e)) from None
-
-
-# --------------------------------------------------------------------------- trainer
-class Trainer:
-  """Model, mesh, shardings, optimizer and the jitted step of a run (state built lazily).
-
-  Benchmarks: `t = Trainer(cfg, total_steps=n); t.init_state(); m = t.step(host_batch)`.
-  """
-
-  def __init__(self, cfg: ml_collections.ConfigDict, *, total_steps: int, mesh=None):
-    self.cfg = cfg
-    self.mesh = mesh or sharding.make_mesh(cfg.mesh)
-    self.model_config = model_config_from(cfg)
-    self.lora_config = rc.lora_config(cfg)
-    self.model = Llama(self.model_config, self.lora_config)
-    self.total_steps = int(total_steps)
-    mc, lora = self.model_config, self.lora_config
-    self.base_shapes = param_shapes(mc)
-    self.shapes = param_shapes(mc, lora) if lora else self.base_shapes
-    if lora is not None:  # targets matching no module fail here, before any allocation
-      from lora_jax.lora import target_kernel_paths
-      try:
-        target_kernel_paths(self.base_shapes, lora)
-      except ValueError as e:
-        raise rc.ConfigError("lora.targets", str(e)) from None
-    self.labels = trainable_labels(self.shapes, lora,
-                                   frozen_patterns=rc.frozen_patterns(cfg) if not lora else ())
-    tr_shapes, fr_shapes = split_params(self.shapes, self.labels)
-    if not jax.tree_util.tree_leaves(tr_shapes):
-      raise rc.ConfigError("full_ft_frozen", "freezes every parameter; nothing would train")
-    self.trainable_shapes, self.frozen_shapes = tr_shapes, fr_shapes
-    axes = param_logical_axes(mc, lora)
-    self.param_sharding = sharding.tree_shardings(self.shapes, axes, self.mesh)
-    self.base_sharding = sharding.tree_shardings(self.base_shapes, axes, self.mesh)
-    tr_sh, self.frozen_sharding = split_params(self.param_sharding, self.labels)
-    self.tx, self.lr_fn = make_optimizer(cfg.optimizer, cfg.schedule, self.total_steps)
-    self.state_sharding = state_shardings(tr_sh, self.tx, tr_shapes, self.mesh)
-    self.abstract_state = ckpt.abstract_like(
-        jax.eval_shape(lambda t: init_train_state(t, self.tx, 0), tr_shapes), self.state_sharding)
-    dropout = bool((lora is not None and lora.dropout > 0) or mc.attention_dropout > 0)
-    self.step_fn = make_train_step(
-        self.model, self.tx, self.lr_fn, microbatches=cfg.train.microbatches, dropout=dropout,
-        mesh=self.mesh, state_sharding=self.state_sharding, frozen_sharding=self.frozen_sharding)
-    self.n_total = count_params(self.shapes)
-    self.n_trainable = count_params(tr_shapes)
-    self.checkpoint_bytes = tree_bytes(self.abstract_state)
-    self.state: TrainState | None = None
-    self.frozen: dict | None = None
-    self.base_pointer: dict = {}
-
-  # -- params
-  def _keys(self):
-    root = jax.random.PRNGKey(self.cfg.seed)
-    return [jax.random.fold_in(root, i) for i in range(3)]  # base init, LoRA init, train RNG
-
-  def _check_base(self, params, key: str):
-    want = jax.tree.map(lambda s: tuple(s.shape), self.base_shapes)
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), dict(params))
-    if want != got:
-      raise rc.ConfigError(key, "params do not match the model config (model.preset / "
-                                "model.overrides / model.hf_path): shapes or leaves differ")
-
-  def _build(self, base, lora_key, rng):
-    """Traceable: base -> (TrainState, frozen, base checksums)."""
-    sums = ckpt.fingerprint_sums(base)
-    params = base
-    if self.lora_config is not None:
-      params = add_lora(base, self.model_config, self.lora_config, lora_key)
-    trainable, frozen = split_params(params, self.labels)
-    state = TrainState(step=jnp.zeros([], jnp.int32), trainable=trainable,
-                       opt_state=self.tx.init(trainable), rng=rng)
-    return state, frozen, sums
-
-  def init_state(self, base_params: Any = None) -> None:
-    """Fresh state from the frozen base (`base_params`, the HF dir, or the preset's seeded init)
-    plus LoRA leaves (A random, B = 0): one jitted, sharded computation."""
-    cfg, mc = self.cfg, self.model_config
-    base_key, lora_key, rng = self._keys()
-    rep = sharding.replicated(self.mesh)
-    sums_sharding = jax.tree.map(lambda _: rep, self.base_shapes)
-    out_shardings = (self.state_sharding, self.frozen_sharding, sums_sharding)
-    if base_params is None and not cfg.model.hf_path:
-      source = "preset"
-      build = lambda k, lk, r: self._build(init_params(mc, k), lk, r)  # noqa: E731
-      self.state, self.frozen, sums = jax.jit(build, out_shardings=out_shardings)(
-          base_key, lora_key, rng)
-    else:
-      if base_params is not None:
-        source, key, host = "base_params", "base_params", base_params
-      else:
-        from lora_jax.interop.hf import load_hf
-        source, key = "hf", "model.hf_path"
-        _, host = load_hf(cfg.model.hf_path, dtype=mc.param_dtype)
-      self._check_base(host, key)
-      host = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.param_dtype)), host)
-      base = sharding.put_tree(host, self.base_sharding)
-      del host
-      self.state, self.frozen, sums = jax.jit(
-          self._build, out_shardings=out_shardings, donate_argnums=0)(base, lora_key, rng)
-    self.base_pointer = {
-        "source": source, "preset": "" if cfg.model.hf_path else cfg.model.preset,
-        "hf_path": os.path.abspath(cfg.model.hf_path) if cfg.model.hf_path else "",
-        "overrides": dict(cfg.model.overrides.to_dict()), "seed": cfg.seed,
-        "fingerprint": ckpt.fingerprint_from_sums(self.base_shapes, sums)}
-
-  def params(self) -> dict:
-    return combine_params(self.state.trainable, self.frozen)
-
-  def put_batch(self, host_batch: dict) -> dict:
-    return sharding.put_batch({k: host_batch[k] for k in BATCH_KEYS}, self.mesh,
-                              self.cfg.train.global_batch)
-
-  def step(self, host_batch: dict) -> dict:
-    """One optimizer step on a process-local host batch; returns device metrics."""
-    self.state, metrics = self.step_fn(self.state, self.frozen, self.put_batch(host_batch))
-    return metrics
 
 
 # --------------------------------------------------------------------------- helpers
@@ -396,7 +259,7 @@ def load_run(output_dir: str, step: int | None = None, *, base_params: Any = Non
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(f"{output_dir}: no checkpoint {'' if step is None else step} "
                               f"(have {sorted(manager.all_steps())})")
-    trainer.init_state(base_params)
+    trainer.init_state(base_params, with_state=False)
     state, _, meta = ckpt.restore(manager, step, trainer.abstract_state)
   finally:
     manager.close()
@@ -409,6 +272,119 @@ def load_run(output_dir: str, step: int | None = None, *, base_params: Any = Non
 
 
 # --------------------------------------------------------------------------- train
+class _Session:
+  """One train() call: the step loop with its metrics, evals, checkpoints and fault handling."""
+
+  def __init__(self, cfg, trainer: Trainer, manager, data, writer: MetricsWriter, *,
+               total: int, start: int, bad_steps: int, bpe: int | None, eval_fn, best_mode,
+               keep_steps: set[int], resumed: bool):
+    self.cfg, self.t = cfg, cfg.train
+    self.trainer, self.manager, self.data, self.writer = trainer, manager, data, writer
+    self.total, self.step, self.bad_steps, self.bpe = total, start, bad_steps, bpe
+    self.eval_fn, self.best_mode, self.keep_steps = eval_fn, best_mode, keep_steps
+    self.last_saved = start if resumed else -1
+    self.tokens_per_step = self.t.global_batch * self.t.seq_len
+    self.peak = peak_flops_per_device(override=self.t.peak_flops)
+    self.flops_per_token = train_flops_per_token(trainer.model_config, trainer.n_total,
+                                                 trainer.n_trainable, self.t.seq_len)
+    self._t0: float | None = None  # start of the timing window (None: restart it)
+    self._window = 0
+
+  def _position(self, step: int) -> dict:
+    return {"step": step, "tokens": step * self.tokens_per_step,
+            "epoch": step / self.bpe if self.bpe else None}
+
+  def save(self, step: int, best: float | None = None) -> None:
+    meta = {**self._position(step), "bad_steps": self.bad_steps,
+            "base": self.trainer.base_pointer, "lora": self.trainer.lora_config is not None}
+    ckpt.save(self.manager, step, self.trainer.state, self.data.get_state(), meta, best=best)
+    self.last_saved = step
+
+  def handle(self, step: int, metrics) -> None:
+    """Host side of a finished step: NaN policy, timing, and a metrics record when due."""
+    t, m = self.t, jax.device_get(metrics)
+    now = time.perf_counter()
+    if not bool(m["ok"]):
+      self.bad_steps += 1
+      if self.bad_steps > t.max_bad_steps:
+        raise TrainingError(
+            f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
+            f"finite ({self.bad_steps} bad steps > train.max_bad_steps={t.max_bad_steps}); "
+            f"stopped without saving; last good checkpoint: {self.manager.latest_step()}")
+      log.warning("step %d: non-finite loss/grad; update skipped (%d/%d)", step, self.bad_steps,
+                  t.max_bad_steps)
+    if self._t0 is None:  # a session's first step includes compilation: not timed
+      self._t0, self._window = now, 0
+    else:
+      self._window += 1
+    self.writer.advance()
+    if step % t.log_every and step not in (1, self.total):
+      return
+    dt = (now - self._t0) / self._window if self._window else None
+    tr = self.trainer
+    rec = {**self._position(step), "loss": float(m["loss"]),
+           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+           "loss_tokens": int(m["loss_tokens"]),
+           "tokens_per_s": self.tokens_per_step / dt if dt else None, "step_time_s": dt,
+           "mfu": (self.flops_per_token * self.tokens_per_step / dt
+                   / (self.peak * jax.device_count()) if dt and self.peak else None),
+           "trainable_params": tr.n_trainable, "total_params": tr.n_total}
+    mem = device_memory_bytes()
+    if mem is not None:
+      rec["device_memory_bytes"] = mem
+    self.writer.write(rec)
+    log.info("step %d loss %.4f grad_norm %.3f lr %.3g%s", step, rec["loss"], rec["grad_norm"],
+             rec["lr"], f" {rec['tokens_per_s']:.0f} tok/s" if rec["tokens_per_s"] else "")
+    self._t0, self._window = now, 0
+
+  def evaluate(self, step: int) -> float | None:
+    """Runs eval_fn, logs it, and returns the value of the best-checkpoint metric if any."""
+    result = self.eval_fn(step, self.trainer.params())
+    self.writer.write({**self._position(step), "eval": result})
+    self._t0 = None  # eval time is not step time
+    flat = _flatten_eval(result)
+    key = _best_key(self.cfg, flat) if self.best_mode else None
+    return float(flat[key]) if key else None
+
+  def run(self) -> bool:
+    """Steps until the end or a SIGTERM; returns True when preempted."""
+    t, pending, preempted = self.t, None, False
+    with _StopSignal() as stop:
+      while self.step < self.total:
+        if stop.should_stop():
+          preempted = True
+          break
+        try:
+          host_batch = next(self.data)
+        except StopIteration:
+          raise TrainingError(f"data ran out at step {self.step} of {self.total}") from None
+        metrics = self.trainer.step(host_batch)
+        self.step += 1
+        step = self.step
+        if pending is not None:  # the previous step's metrics, read while this step runs
+          self.handle(*pending)
+        pending = (step, metrics)
+        due_eval = bool(self.eval_fn and t.eval_every and (step % t.eval_every == 0
+                                                           or step == self.total))
+        due_ckpt = bool(t.checkpoint_every and step % t.checkpoint_every == 0
+                        or step in self.keep_steps)
+        if due_eval or due_ckpt or step == self.total:
+          self.handle(*pending)
+          pending = None
+        best = self.evaluate(step) if due_eval else None
+        if due_ckpt or best is not None:
+          self.save(step, best)
+      if pending is not None:
+        self.handle(*pending)
+      if self.last_saved != self.step:
+        self.save(self.step)
+      self.manager.wait_until_finished()
+    if preempted:
+      log.warning("preempted: checkpoint of step %d saved in %s; exiting with code %d",
+                  self.step, self.manager.directory, EXIT_PREEMPTED)
+    return preempted
+
+
 def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict] | None = None,
           base_params: Any = None, data_iter: Any = None, force: bool = False) -> TrainResult:
   """Trains (or resumes) the run described by `cfg`; see the module docstring.
@@ -436,131 +412,42 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict
   keep_steps = set(rc.keep_steps(cfg))
   manager = ckpt.make_manager(out_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing,
                               best_mode=best_mode, keep_steps=sorted(keep_steps))
-  trainer.init_state(base_params)
-  start, bad_steps = 0, 0
-  latest = manager.latest_step()
-  if latest is not None:
-    state, data_state, meta = ckpt.restore(manager, latest, trainer.abstract_state)
-    saved_fp = meta.get("base", {}).get("fingerprint")
-    if saved_fp != trainer.base_pointer["fingerprint"] and not force:
-      raise TrainingError(f"checkpoint {latest} in {out_dir!r} was trained on a different base "
-                          f"(fingerprint {saved_fp} != {trainer.base_pointer['fingerprint']}); "
-                          "use the same model.preset/hf_path/seed, or --force")
-    trainer.state = state
-    data.set_state(data_state)
-    start, bad_steps = int(latest), int(meta.get("bad_steps", 0))
-    log.info("resumed from %s at step %d", manager.directory, start)
-
-  tokens_per_step = t.global_batch * t.seq_len
-  peak = peak_flops_per_device(override=t.peak_flops)
-  flops_tok = train_flops_per_token(trainer.model_config, trainer.n_total, trainer.n_trainable,
-                                    t.seq_len)
-  writer = MetricsWriter(out_dir, enabled=is_main, tensorboard=t.tensorboard, total_steps=total,
-                         initial_step=start)
-  log.info("training %s: %d steps, %d/%d trainable params, mesh %s, %d devices",
-           "LoRA" if trainer.lora_config else "full FT", total, trainer.n_trainable,
-           trainer.n_total, dict(trainer.mesh.shape), jax.device_count())
-
-  def epoch_of(step):
-    return step / bpe if bpe else None
-
-  def meta_of(step):
-    return {"step": step, "tokens": step * tokens_per_step, "bad_steps": bad_steps,
-            "base": trainer.base_pointer, "lora": trainer.lora_config is not None}
-
-  last_saved = start if latest is not None else -1
-  window = {"t0": None, "steps": 0}
-
-  def save(step, best=None):
-    nonlocal last_saved
-    ckpt.save(manager, step, trainer.state, data.get_state(), meta_of(step), best=best)
-    last_saved = step
-
-  def handle(step, m):
-    nonlocal bad_steps
-    m = jax.device_get(m)
-    now = time.perf_counter()
-    if not bool(m["ok"]):
-      bad_steps += 1
-      if bad_steps > t.max_bad_steps:
-        raise TrainingError(
-            f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
-            f"finite ({bad_steps} bad steps > train.max_bad_steps={t.max_bad_steps}); stopped "
-            f"without saving; last good checkpoint: {manager.latest_step()}")
-      log.warning("step %d: non-finite loss/grad; update skipped (%d/%d)", step, bad_steps,
-                  t.max_bad_steps)
-    if window["t0"] is None:  # the first step of a session includes compilation: not timed
-      window["t0"], window["steps"] = now, 0
-    else:
-      window["steps"] += 1
-    writer.advance()
-    if step % t.log_every and step not in (1, total):
-      return
-    dt = (now - window["t0"]) / window["steps"] if window["steps"] else None
-    rec = {"step": step, "tokens": step * tokens_per_step, "epoch": epoch_of(step),
-           "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-           "loss_tokens": int(m["loss_tokens"]),
-           "tokens_per_s": tokens_per_step / dt if dt else None, "step_time_s": dt,
-           "mfu": (flops_tok * tokens_per_step / dt / (peak * jax.device_count())
-                   if dt and peak else None),
-           "trainable_params": trainer.n_trainable, "total_params": trainer.n_total}
-    mem = device_memory_bytes()
-    if mem is not None:
-      rec["device_memory_bytes"] = mem
-    writer.write(rec)
-    log.info("step %d loss %.4f grad_norm %.3f lr %.3g%s", step, rec["loss"], rec["grad_norm"],
-             rec["lr"], f" {rec['tokens_per_s']:.0f} tok/s" if rec["tokens_per_s"] else "")
-    window["t0"], window["steps"] = now, 0
-
-  step, pending, preempted = start, None, False
-  with _StopSignal() as stop:
-    while step < total:
-      if stop.should_stop():
-        preempted = True
-        break
+  writer = None
+  try:
+    latest = manager.latest_step()
+    trainer.init_state(base_params, with_state=latest is None)
+    start, bad_steps = 0, 0
+    if latest is not None:
+      state, data_state, meta = ckpt.restore(manager, latest, trainer.abstract_state)
+      saved_fp = meta.get("base", {}).get("fingerprint")
+      if saved_fp != trainer.base_pointer["fingerprint"] and not force:
+        raise TrainingError(f"checkpoint {latest} in {out_dir!r} was trained on a different base "
+                            f"(fingerprint {saved_fp} != {trainer.base_pointer['fingerprint']}); "
+                            "use the same model.preset/hf_path/seed, or --force")
+      trainer.state = state
+      data.set_state(data_state)
+      start, bad_steps = int(latest), int(meta.get("bad_steps", 0))
+      log.info("resumed from %s at step %d", manager.directory, start)
+    writer = MetricsWriter(out_dir, enabled=is_main, tensorboard=t.tensorboard,
+                           total_steps=total, initial_step=start)
+    log.info("training %s: %d steps, %d/%d trainable params, mesh %s, %d devices",
+             "LoRA" if trainer.lora_config else "full FT", total, trainer.n_trainable,
+             trainer.n_total, dict(trainer.mesh.shape), jax.device_count())
+    session = _Session(cfg, trainer, manager, data, writer, total=total, start=start,
+                       bad_steps=bad_steps, bpe=bpe, eval_fn=eval_fn, best_mode=best_mode,
+                       keep_steps=keep_steps, resumed=latest is not None)
+    preempted = session.run()
+    exports = {}
+    if not preempted and t.export != "none":
       try:
-        host_batch = next(data)
-      except StopIteration:
-        raise TrainingError(f"data ran out at step {step} of {total}") from None
-      metrics = trainer.step(host_batch)
-      step += 1
-      if pending is not None:  # the previous step's metrics: read while this step runs
-        handle(*pending)
-      pending = (step, metrics)
-      due_eval = eval_fn is not None and t.eval_every and (step % t.eval_every == 0 or
-                                                           step == total)
-      due_ckpt = (t.checkpoint_every and step % t.checkpoint_every == 0) or step in keep_steps
-      if due_eval or due_ckpt or step == total:
-        handle(*pending)
-        pending = None
-      best = None
-      if due_eval:
-        result = eval_fn(step, trainer.params())
-        writer.write({"step": step, "tokens": step * tokens_per_step, "epoch": epoch_of(step),
-                      "eval": result})
-        flat = _flatten_eval(result)
-        key = _best_key(cfg, flat) if best_mode else None
-        best = float(flat[key]) if key else None
-        window["t0"] = None  # do not count eval time as step time
-      if due_ckpt or best is not None:
-        save(step, best)
-    if pending is not None:
-      handle(*pending)
-    if last_saved != step:
-      save(step)
-    manager.wait_until_finished()
-    if preempted:
-      log.warning("preempted: checkpoint of step %d saved in %s; exiting with code %d", step,
-                  manager.directory, EXIT_PREEMPTED)
-  exports = {}
-  if not preempted and t.export != "none":
-    try:
-      exports = export(trainer, out_dir, t.export)
-    except ImportError as e:
-      log.warning("export skipped: %s", e)
-  manager.close()
-  writer.close()
+        exports = export(trainer, out_dir, t.export)
+      except ImportError as e:
+        log.warning("export skipped: %s", e)
+  finally:
+    manager.close()  # waits for an async save in flight (of a good step)
+    if writer is not None:
+      writer.close()
   return TrainResult(params=trainer.params(), config=cfg, model_config=trainer.model_config,
                      lora_config=trainer.lora_config, metrics=writer.history, output_dir=out_dir,
-                     checkpoint_dir=str(manager.directory), exports=exports, step=step,
+                     checkpoint_dir=str(manager.directory), exports=exports, step=session.step,
                      preempted=preempted, exit_code=EXIT_PREEMPTED if preempted else 0)
