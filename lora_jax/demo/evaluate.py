@@ -1,0 +1,70 @@
+"""Learning and forgetting of one set of params, through the project's eval code.
+
+  target acc   greedy decoding (`generate.make_generate_fn`, KV cache, stops at EOS), exact match
+               on held-out target prompts: the demo's GSM8K / HumanEval.
+  source acc   4-way multiple choice by summed log-likelihood (`evals.multiple_choice` over
+               `evals.scoring.Scorer`), zero-shot, on held-out source questions: the demo's
+               HellaSwag / ARC / WinoGrande. All choices of a question have the same length, so
+               acc and acc_norm coincide.
+
+LoRA params are merged before evaluating, so every run shares one compiled scorer and one
+compiled generator (the model shape never changes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from lora_jax.config import LlamaConfig
+from lora_jax.demo.domains import ChoiceItem, Example, exact_match_accuracy
+from lora_jax.evals.multiple_choice import MCDoc, evaluate_multiple_choice
+from lora_jax.evals.scoring import Scorer
+from lora_jax.generate import make_generate_fn
+from lora_jax.lora import LoraConfig, has_lora, merge_lora
+
+
+def mc_docs(items: Sequence[ChoiceItem]) -> list[MCDoc]:
+  return [MCDoc(contexts=(it.context,) * len(it.choices), continuations=tuple(it.choices),
+                choice_texts=tuple(it.choices), gold=it.gold, fewshot_delimiter="\n",
+                where=f"source:{i}") for i, it in enumerate(items)]
+
+
+class DemoEvaluator:
+  """`evaluator(params, lora_config) -> {"target": {"acc"}, "source": {"acc", "stderr"}}`."""
+
+  def __init__(self, model_config: LlamaConfig, tokenizer: Any, source_items: Sequence[ChoiceItem],
+               target_examples: Sequence[Example], *, batch_size: int = 128):
+    self.config, self.tokenizer = model_config, tokenizer
+    self.source_docs = mc_docs(source_items)
+    self.target_examples = list(target_examples)
+    self.batch_size = int(batch_size)
+    self.max_new_tokens = max(len(tokenizer.encode(ex.response)) for ex in target_examples) + 1
+    self._scorer: Scorer | None = None
+
+  def _merged(self, params: Any, lora_config: LoraConfig | None) -> Any:
+    if lora_config is not None and has_lora(params):
+      return merge_lora(params, lora_config)
+    return params
+
+  def source_accuracy(self, params: Any) -> dict:
+    if self._scorer is None:
+      self._scorer = Scorer(self.config, params, None, self.tokenizer,
+                            batch_size=self.batch_size)
+    self._scorer.params = params  # one Scorer (one jit) for every evaluation
+    entries, _ = evaluate_multiple_choice("source", self._scorer, self.source_docs,
+                                          num_fewshot=0, headline="acc", source="demo")
+    acc = next(e for e in entries if e["metric"] == "acc")
+    return {"acc": acc["value"], "stderr": acc["stderr"], "n": acc["n"]}
+
+  def target_accuracy(self, params: Any) -> dict:
+    generate = make_generate_fn(self.config, params, None, self.tokenizer,
+                                batch_size=self.batch_size)
+    outs = generate([ex.prompt for ex in self.target_examples], temperature=0.0,
+                    max_new_tokens=self.max_new_tokens)
+    completions = [o[0] for o in outs]
+    return {"acc": exact_match_accuracy(self.target_examples, completions),
+            "n": len(completions)}
+
+  def __call__(self, params: Any, lora_config: LoraConfig | None = None) -> dict:
+    merged = self._merged(params, lora_config)
+    return {"target": self.target_accuracy(merged), "source": self.source_accuracy(merged)}

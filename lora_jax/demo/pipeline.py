@@ -1,0 +1,358 @@
+"""The demo's phases, all through the library: pretrain -> finetune (full / LoRA) with evals ->
+spectral analysis -> results.json + report + verdict.
+
+  1. base      pretrain the tiny Llama on the source domain (`train.train`, full FT from the
+               preset's seeded init); reused from `<out>/base/` when its settings match.
+  2. finetune  one `train.train` run per method on the target domain from the base params, with
+               `DemoEvaluator` as the eval callback every `eval_every` steps.
+  3. evaluate  target accuracy (learning) and source accuracy (forgetting) at each checkpoint.
+  4. analyze   `analysis.analyze(base, finetuned)`: rank@90% and spectra of every dW.
+  5. report    results.json, report.md and PNGs (`demo.report`), and the verdict (`demo.verdict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import resource
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from lora_jax import run_config as rc
+from lora_jax.data.tokenizers import ByteTokenizer
+from lora_jax.demo.data import ExampleBatches
+from lora_jax.demo.domains import SourceDomain, TargetDomain
+from lora_jax.demo.evaluate import DemoEvaluator
+from lora_jax.lora import LoraConfig
+
+log = logging.getLogger("lora_jax.demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One finetuning run: full FT (rank 0) or LoRA of `rank` on `targets`."""
+  rank: int = 0
+  targets: str = "all"
+  lr: float = 0.0
+
+  @property
+  def is_lora(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def name(self) -> str:
+    return f"lora_r{self.rank}_{self.targets}" if self.is_lora else "full"
+
+  @property
+  def label(self) -> str:
+    if not self.is_lora:
+      return "full FT"
+    return f"LoRA r={self.rank}" + ("" if self.targets == "all" else f" ({self.targets})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  seed: int = 0
+  quick: bool = False
+  # model (a "tiny" preset override): width, depth, heads, MLP width
+  hidden_size: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  intermediate_size: int = 344
+  seq_len: int = 64
+  batch_rows: int = 24  # rows of seq_len per step (~3 packed samples each)
+  optimizer: str = "adamw"
+  # phase 1
+  source_train: int = 20000
+  pretrain_steps: int = 800
+  pretrain_lr: float = 1e-3
+  # phase 2
+  target_train: int = 8000
+  target_digits: int = 3
+  finetune_steps: int = 250
+  eval_every: int = 50
+  lr_full: float = 3e-4
+  lr_lora: float = 3e-3
+  ranks: tuple[int, ...] = (1, 4, 16, 64)
+  target_sets: tuple[str, ...] = ("attention", "mlp")  # extra LoRA runs at `target_set_rank`
+  target_set_rank: int = 16
+  # phase 3
+  eval_source: int = 300
+  eval_target: int = 300
+
+  def runs(self) -> list[RunSpec]:
+    out = [RunSpec(0, "all", self.lr_full)]
+    out += [RunSpec(r, "all", self.lr_lora) for r in self.ranks]
+    out += [RunSpec(self.target_set_rank, t, self.lr_lora) for t in self.target_sets]
+    return out
+
+  def base_key(self) -> str:
+    """Hash of everything the base model depends on (for reusing `<out>/base/`)."""
+    keys = ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len",
+            "batch_rows", "optimizer", "source_train", "pretrain_steps", "pretrain_lr")
+    blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+QUICK = dict(quick=True, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176,
+             batch_rows=16, source_train=3000, pretrain_steps=150, target_train=2000,
+             finetune_steps=40, eval_every=20, ranks=(1, 8), target_sets=(), eval_source=64,
+             eval_target=64)
+
+
+def settings_for(quick: bool = False, **overrides) -> DemoSettings:
+  base = dict(QUICK) if quick else {}
+  base.update({k: v for k, v in overrides.items() if v is not None})
+  return DemoSettings(**base)
+
+
+# --------------------------------------------------------------------------- helpers
+class Clock:
+  """Wall and process-CPU seconds since creation (CPU time includes every thread)."""
+
+  def __init__(self):
+    self.wall0, self.cpu0 = time.perf_counter(), _cpu()
+
+  def read(self) -> dict:
+    return {"wall_s": round(time.perf_counter() - self.wall0, 2),
+            "cpu_s": round(_cpu() - self.cpu0, 2)}
+
+
+def _cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def run_config(s: DemoSettings, out_dir: str, *, steps: int, lr: float, spec: RunSpec | None,
+               eval_every: int = 0):
+  """A `run_config` for one phase: the tiny preset resized, IFT, the paper's cosine recipe."""
+  c = rc.default_config()
+  c.seed = s.seed
+  c.output_dir = out_dir
+  c.model.preset = "tiny"
+  c.model.overrides = {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+                       "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+                       "intermediate_size": s.intermediate_size,
+                       "max_position_embeddings": s.seq_len}
+  c.lora.enabled = bool(spec and spec.is_lora)
+  if c.lora.enabled:
+    c.lora.rank = spec.rank
+    c.lora.alpha = 0.0  # 2 * rank, as the paper
+    c.lora.dropout = 0.0
+    c.lora.targets = spec.targets
+  c.optimizer.name = s.optimizer
+  c.optimizer.lr = lr
+  c.schedule.name = "cosine_with_warmup"
+  c.schedule.warmup_fraction = 0.1
+  c.schedule.alpha_f = 0.01
+  c.train.steps = steps
+  c.train.global_batch = s.batch_rows
+  c.train.seq_len = s.seq_len
+  c.train.log_every = max(1, steps // 10)
+  c.train.eval_every = eval_every
+  c.train.keep_checkpoints = 1
+  c.train.async_checkpointing = False
+  c.train.export = "none"
+  c.train.tensorboard = False
+  c.data.regime = "ift"
+  c.data.source = "synthetic"  # unused: batches come from `data_iter`
+  return c
+
+
+def _model_config_from(cfg):
+  try:
+    from lora_jax.trainer import model_config_from
+  except ImportError:  # older layout: defined in train.py
+    from lora_jax.train import model_config_from
+  return model_config_from(cfg)
+
+
+def _host(tree):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+# --------------------------------------------------------------------------- phases
+class Demo:
+  """Holds the domains, data and evaluator; `run()` executes every phase."""
+
+  def __init__(self, settings: DemoSettings, out_dir: str, echo: Callable[[str], None] = print):
+    s = self.s = settings
+    self.out = os.path.abspath(out_dir)
+    self.echo = echo
+    self.tokenizer = ByteTokenizer()
+    self.source = SourceDomain()
+    self.target = TargetDomain(s.seed, n_digits=s.target_digits)
+    self.source_train = self.source.train_set(s.source_train, s.seed)
+    self.target_train = self.target.train_set(s.target_train, s.seed)
+    self.source_eval = self.source.choice_eval(
+        s.eval_source, s.seed, exclude=[e.prompt for e in self.source_train])
+    self.target_eval = self.target.generation_eval(
+        s.eval_target, s.seed, exclude=[e.prompt for e in self.target_train])
+    self.model_config = None
+    self.evaluator: DemoEvaluator | None = None
+    self.timings: dict[str, dict] = {}
+
+  def batches(self, examples, stream: int) -> ExampleBatches:
+    return ExampleBatches(examples, self.tokenizer, seq_len=self.s.seq_len,
+                          batch_size=self.s.batch_rows, seed=self.s.seed * 1000 + stream)
+
+  # -- phase 1
+  def pretrain(self) -> Any:
+    from lora_jax.train import train
+    s, clock = self.s, Clock()
+    base_dir = os.path.join(self.out, "base")
+    cache = os.path.join(base_dir, "base_params.pkl")
+    key = s.base_key()
+    cfg = run_config(s, base_dir, steps=s.pretrain_steps, lr=s.pretrain_lr, spec=None)
+    self.model_config = _model_config_from(cfg)
+    self.evaluator = DemoEvaluator(self.model_config, self.tokenizer, self.source_eval,
+                                   self.target_eval)
+    params = None
+    if os.path.exists(cache):
+      with open(cache, "rb") as f:
+        saved = pickle.load(f)
+      if saved.get("key") == key:
+        params, reused = saved["params"], True
+        self.echo(f"[1/5] base: reusing {cache} (settings hash {key})")
+    if params is None:
+      reused = False
+      if os.path.isdir(base_dir):
+        import shutil
+        shutil.rmtree(base_dir)  # stale base of other settings: retrain from scratch
+      self.echo(f"[1/5] base: pretraining on the source domain ({s.pretrain_steps} steps, "
+                f"{len(self.source_train)} samples: {self.source.describe()})")
+      result = train(cfg, data_iter=self.batches(self.source_train, 1))
+      params = _host(result.params)
+      os.makedirs(base_dir, exist_ok=True)
+      with open(cache + ".tmp", "wb") as f:
+        pickle.dump({"key": key, "params": params}, f)
+      os.replace(cache + ".tmp", cache)
+    ev = self.evaluator(params)
+    self.timings["base"] = {**clock.read(), "reused": reused}
+    self.echo(f"      base: source acc {ev['source']['acc']:.3f}, target acc "
+              f"{ev['target']['acc']:.3f}  ({_fmt_time(self.timings['base'])})")
+    self.base_eval = ev
+    return params
+
+  # -- phases 2 + 3
+  def finetune(self, spec: RunSpec, base_params: Any, index: int, total: int) -> dict:
+    from lora_jax.train import train
+    s, clock = self.s, Clock()
+    run_dir = os.path.join(self.out, "runs", spec.name)
+    if os.path.isdir(run_dir):
+      import shutil
+      shutil.rmtree(run_dir)  # a demo run always starts fresh (no resume of old checkpoints)
+    cfg = run_config(s, run_dir, steps=s.finetune_steps, lr=spec.lr, spec=spec,
+                     eval_every=s.eval_every)
+    lora = rc.lora_config(cfg)
+    curve = [{"step": 0, "target_acc": self.base_eval["target"]["acc"],
+              "source_acc": self.base_eval["source"]["acc"]}]
+
+    def eval_fn(step, params):
+      ev = self.evaluator(params, lora)
+      curve.append({"step": int(step), "target_acc": ev["target"]["acc"],
+                    "source_acc": ev["source"]["acc"]})
+      return {"target": {"acc": ev["target"]["acc"]}, "source": {"acc": ev["source"]["acc"]}}
+
+    self.echo(f"[2/5] finetune {index}/{total}: {spec.label}, lr {spec.lr:g}")
+    result = train(cfg, eval_fn=eval_fn, base_params=base_params,
+                   data_iter=self.batches(self.target_train, 2))
+    params = _host(result.params)
+    losses = [(m["step"], m["loss"]) for m in result.metrics if "loss" in m]
+    t = clock.read()
+    end = curve[-1]
+    self.echo(f"      {spec.label}: target acc {end['target_acc']:.3f}, source acc "
+              f"{end['source_acc']:.3f}  ({_fmt_time(t)})")
+    return {"spec": spec, "lora": lora, "params": params, "curve": curve, "loss": losses,
+            "time": t}
+
+  # -- phase 4
+  def analyze(self, base_params: Any, run: dict) -> dict:
+    from lora_jax.analysis.analyze import analyze
+    a = analyze(base_params, run["params"], finetuned_lora=run["lora"], progress=False)
+    ranks = [r["rank_delta"] for r in a.rows]
+    mid = a.meta["layers"][len(a.meta["layers"]) // 2]
+    spectra = {}
+    for m in a.modules:
+      layers = list(a.spectra[f"{m}.layers"])
+      i = layers.index(mid)
+      spectra[m] = {w: a.spectra[f"{m}.{w}"][i] for w in ("base", "delta")}
+    return {"rank_by_layer": {m: (list(map(int, l)), list(map(int, r)))
+                              for m, (l, r) in a.rank_by_layer("delta").items()},
+            "rank_median": float(np.median(ranks)), "rank_max": int(max(ranks)),
+            "rank_min": int(min(ranks)), "spectra_layer": int(mid), "spectra": spectra,
+            "rel_delta_norm": float(np.mean([r["rel_delta_norm"] for r in a.rows]))}
+
+
+def _fmt_time(t: dict) -> str:
+  return f"{t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU"
+
+
+# --------------------------------------------------------------------------- all phases
+def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] = print) -> dict:
+  """Runs every phase; writes results.json, report.md and PNGs to `out_dir`; returns results."""
+  from lora_jax.demo import report, verdict
+  from lora_jax.lora import count_params
+  total = Clock()
+  os.makedirs(out_dir, exist_ok=True)
+  demo = Demo(settings, out_dir, echo)
+  base = demo.pretrain()
+
+  specs = settings.runs()
+  runs, spectra = [], {}
+  ft_clock = Clock()
+  for i, spec in enumerate(specs, 1):
+    runs.append(demo.finetune(spec, base, i, len(specs)))
+  demo.timings["finetune"] = ft_clock.read()
+
+  echo(f"[4/5] analyze: SVD of every dW ({len(runs)} runs)")
+  an_clock = Clock()
+  module = "up_proj"
+  rows = []
+  for run in runs:
+    a = demo.analyze(base, run)
+    spec = run["spec"]
+    rows.append({
+        "name": spec.name, "label": spec.label, "rank": spec.rank, "targets": spec.targets,
+        "lr": spec.lr, "curve": run["curve"], "loss": run["loss"], "time": run["time"],
+        "delta_rank": {"median": a["rank_median"], "max": a["rank_max"], "min": a["rank_min"]},
+        "rank_by_layer": a["rank_by_layer"], "rel_delta_norm": a["rel_delta_norm"]})
+    if not spectra and module in a["spectra"]:
+      spectra["W_base"] = a["spectra"][module]["base"]
+    if module in a["spectra"]:
+      spectra[f"ΔW {spec.label}"] = a["spectra"][module]["delta"]
+    spectra_layer = a["spectra_layer"]
+    echo(f"      {spec.label}: dW rank@90% median {a['rank_median']:g}, max {a['rank_max']}")
+  demo.timings["analyze"] = an_clock.read()
+
+  echo("[5/5] report")
+  rep_clock = Clock()
+  s = settings
+  results = {
+      "settings": dataclasses.asdict(s),
+      "domains": {"source": demo.source.describe(), "target": demo.target.describe()},
+      "hidden_size": s.hidden_size, "quick": s.quick,
+      "n_source": len(demo.source_eval), "n_target": len(demo.target_eval),
+      "params": count_params(base),
+      "base": {"target_acc": demo.base_eval["target"]["acc"],
+               "source_acc": demo.base_eval["source"]["acc"]},
+      "runs": rows, "spectra_layer": spectra_layer, "spectra_module": module,
+      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                      "devices": jax.device_count(), "cpu_count": os.cpu_count()},
+  }
+  results["verdict"] = verdict.verdict(results)
+  figures = report.write_figures(results, spectra, out_dir)
+  demo.timings["report"] = rep_clock.read()
+  demo.timings["total"] = total.read()
+  results["timings"] = demo.timings
+  results["figures"] = figures
+  report.write_markdown(results, figures, out_dir)
+  report.write_results(results, out_dir)
+  return results
