@@ -1,0 +1,240 @@
+"""Training under faults, end to end through `lora-jax train` in subprocesses (configs/tiny_lora.py,
+12 steps, a checkpoint every 2, async checkpointing):
+
+  - SIGKILL at 5 seeded random points (between steps, mid-save, mid-commit, during an async
+    commit): every restart resumes from the newest committed checkpoint, and the final state and
+    the whole loss sequence equal an uninterrupted run bitwise;
+  - a committed newest checkpoint that was later truncated: the run resumes from the one before;
+  - SIGTERM: checkpoint + exit code 143 within 30 s, then the next start resumes;
+  - NaN loss: exit 1 naming the step, nothing saved past the last good checkpoint;
+  - a different config in the same output_dir: refused with the changed keys, unless --force;
+  - an unwritable output_dir or too little disk: a clear error before training starts.
+
+One uninterrupted reference run (module fixture) serves every comparison.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+import _fault_support as fs
+
+# Bugs found by these tests, open until fixed in lora_jax/train.py (strict: a fix turns them red).
+NO_FALLBACK = pytest.mark.xfail(strict=True, reason="train.py: an unreadable newest checkpoint "
+                                "crashes the resume instead of falling back to the one before")
+LOST_ON_ERROR = pytest.mark.xfail(strict=True, reason="train.py: an error raised while an async "
+                                  "save is in flight exits without committing it")
+
+SEED = int(os.environ.get("LORA_JAX_FAULT_SEED", "0"))
+STEPS, EVERY = 12, 2
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  out = tmp_path_factory.mktemp("reference")
+  proc = fs.run_train(out, *fs.RUN_ARGS)
+  assert proc.returncode == 0, fs.tail(proc)
+  assert fs.resumed_step(proc.stderr) is None
+  records = fs.metrics(out)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  return {"dir": out, "metrics": fs.deterministic(records),
+          "state": fs.checkpoint_state(out, STEPS)}
+
+
+def _copy(reference, tmp_path):
+  out = tmp_path / "run"
+  shutil.copytree(reference["dir"], out)
+  return out
+
+
+def kill_plan(seed: int) -> list[tuple[str, int]]:
+  """Five (fault point, step) pairs in increasing step order, one per window of steps; every
+  fault point appears at least once (save/commit/async only at checkpoint steps)."""
+  rng = random.Random(seed)
+  modes = ["step", "save", "commit", "async", rng.choice(["step", "save", "commit", "async"])]
+  rng.shuffle(modes)
+  windows = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10, 11, 12]]
+  plan = []
+  for mode, window in zip(modes, windows):
+    choices = window if mode == "step" else [s for s in window if s % EVERY == 0]
+    plan.append((mode, rng.choice(choices)))
+  return plan
+
+
+def _allowed_resume(mode: str, step: int) -> set:
+  """The newest committed checkpoint after SIGKILL at (mode, step), None for none."""
+  def prev(s):  # the checkpoint step before step s
+    c = (s - 1) // EVERY * EVERY
+    return c or None
+  if mode in ("save", "commit"):
+    return {prev(step)}  # the checkpoint being written was never committed
+  if mode == "async":
+    return {step, prev(step)}  # its commit may or may not have finished
+  # before step `step`: the last checkpoint's async commit may still have been in flight
+  last = prev(step)
+  return {last, prev(last) if last else None}
+
+
+@pytest.mark.slow
+def test_sigkill_at_five_points_resumes_bitwise(reference, tmp_path):
+  out = tmp_path / "run"
+  plan = kill_plan(SEED)
+  log = [f"seed {SEED}, plan {plan}"]
+  expected_resume, newest = None, None
+  for mode, step in plan + [(None, None)]:
+    proc = fs.run_train(out, *fs.RUN_ARGS, kill=f"{mode}:{step}" if mode else None)
+    resumed = fs.resumed_step(proc.stderr)
+    log.append(f"{mode}:{step}: resumed from {resumed}, rc {proc.returncode}, "
+               f"committed after {fs.committed_steps(out)}")
+    # Resumes from exactly the newest checkpoint that was committed when the last run died.
+    assert resumed == expected_resume, "\n".join(log) + "\n" + fs.tail(proc)
+    if mode is None:
+      assert proc.returncode == 0, "\n".join(log) + "\n" + fs.tail(proc)
+      break
+    assert proc.returncode == -signal.SIGKILL, "\n".join(log) + "\n" + fs.tail(proc)
+    assert f"FAULT: SIGKILL at {mode}:{step}" in proc.stderr
+    committed = fs.committed_steps(out)
+    expected_resume = max(committed) if committed else None
+    assert expected_resume in _allowed_resume(mode, step), "\n".join(log)
+    # A committed checkpoint is never lost: the newest one only moves forward.
+    assert newest is None or (expected_resume or 0) >= newest, "\n".join(log)
+    newest = expected_resume
+  records = fs.metrics(out)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "\n".join(log)
+  assert fs.deterministic(records) == reference["metrics"], "\n".join(log)  # exact floats
+  fs.assert_same_state(fs.checkpoint_state(out, STEPS), reference["state"])
+  assert fs.temp_dirs(out) == [], "\n".join(log)  # torn saves were cleaned up
+
+
+def test_kill_plan_covers_every_fault_point_in_step_order():
+  for seed in range(20):
+    plan = kill_plan(seed)
+    steps = [s for _, s in plan]
+    assert len(plan) == 5 and steps == sorted(set(steps)) and steps[-1] <= STEPS
+    assert {m for m, _ in plan} == {"step", "save", "commit", "async"}
+    assert all(s % EVERY == 0 for m, s in plan if m != "step")
+
+
+def _truncate_largest(directory):
+  files = [os.path.join(d, n) for d, _, ns in os.walk(directory) for n in ns]
+  victim = max(files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 3)
+  return victim
+
+
+@NO_FALLBACK
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
+  out = _copy(reference, tmp_path)
+  assert fs.committed_steps(out)[-2:] == [STEPS - EVERY, STEPS]
+  _truncate_largest(out / "checkpoints" / str(STEPS) / "state")
+  proc = fs.run_train(out, *fs.RUN_ARGS)
+  assert proc.returncode == 0, fs.tail(proc)
+  assert fs.resumed_step(proc.stderr) == STEPS - EVERY, fs.tail(proc)
+  assert f"checkpoint {STEPS}" in proc.stderr and "unreadable" in proc.stderr, fs.tail(proc)
+  # the damaged checkpoint is kept aside for inspection, not deleted
+  assert os.listdir(out / "checkpoints_unreadable") == [str(STEPS)]
+  assert fs.deterministic(fs.metrics(out)) == reference["metrics"]
+  fs.assert_same_state(fs.checkpoint_state(out, STEPS), reference["state"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_preempted_and_the_next_start_resumes(reference, tmp_path):
+  out = tmp_path / "run"
+  e = fs.env(LORA_JAX_TEST_STEP_SLEEP=0.3)  # slow steps: the signal lands mid-run
+  proc = subprocess.Popen(fs.train_cmd(out, *fs.RUN_ARGS, faults=True), env=e, cwd=fs.ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while len(fs.metrics(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before SIGTERM could be sent"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  first = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  assert proc.returncode == 143, fs.tail(first)  # EXIT_PREEMPTED
+  assert took < 30, took
+  assert "preempted" in stderr, fs.tail(first)
+  stopped = fs.metrics(out)[-1]["step"]
+  assert 3 <= stopped < STEPS and fs.committed_steps(out)[-1] == stopped, fs.tail(first)
+  second = fs.run_train(out, *fs.RUN_ARGS)
+  assert second.returncode == 0 and fs.resumed_step(second.stderr) == stopped, fs.tail(second)
+  assert fs.deterministic(fs.metrics(out)) == reference["metrics"]
+  fs.assert_same_state(fs.checkpoint_state(out, STEPS), reference["state"])
+
+
+@LOST_ON_ERROR
+@pytest.mark.slow
+def test_nan_loss_exits_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+  # LionW moves every LoRA weight by lr * sign(g): with lr=1e30 (0 at step 1, warmup) step 2
+  # is finite and puts 1e30 in the weights; step 3 overflows.
+  proc = fs.run_train(tmp_path, *fs.RUN_ARGS, "--config.optimizer.lr=1e30",
+                      "--config.train.checkpoint_every=1")
+  assert proc.returncode == 1, fs.tail(proc)
+  err = [ln for ln in proc.stderr.splitlines() if ln.startswith("lora-jax train:")]
+  assert len(err) == 1 and err[0].startswith("lora-jax train: step 3: loss=nan"), fs.tail(proc)
+  assert "not finite" in err[0] and "last good checkpoint: 2" in err[0], fs.tail(proc)
+  assert "Traceback" not in proc.stderr, fs.tail(proc)
+  # checkpoint 2's async commit was in flight when step 3 failed: it must still be committed
+  assert fs.committed_steps(tmp_path) == [1, 2] and fs.temp_dirs(tmp_path) == [], fs.tail(proc)
+  assert [r["step"] for r in fs.metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_with_the_key_diff_unless_forced(reference, tmp_path):
+  out = _copy(reference, tmp_path)
+  before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
+  proc = fs.run_train(out, *fs.RUN_ARGS, "--config.optimizer.lr=0.001",
+                      "--config.lora.rank=4", "--config.train.steps=13")
+  assert proc.returncode == 1, fs.tail(proc)
+  err = proc.stderr
+  assert "different config" in err and "--force" in err, fs.tail(proc)
+  assert "optimizer.lr: 0.003 (saved) -> 0.001 (now)" in err, fs.tail(proc)
+  assert "lora.rank: 8 (saved) -> 4 (now)" in err and "train.steps: 12 (saved) -> 13 (now)" in err
+  assert "Traceback" not in err
+  # the refused run changed nothing on disk
+  assert {p: (out / p).read_bytes() for p in before} == before
+  assert fs.committed_steps(out)[-1] == STEPS
+  # --force resumes (a longer run at another LR: the LoRA rank is the checkpoint's)
+  proc = fs.run_train(out, *fs.RUN_ARGS, "--config.optimizer.lr=0.001",
+                      "--config.train.steps=13", "--force")
+  assert proc.returncode == 0 and fs.resumed_step(proc.stderr) == STEPS, fs.tail(proc)
+  assert [r["step"] for r in fs.metrics(out)] == list(range(1, STEPS + 2))
+  assert fs.metrics(out)[:STEPS] == [json.loads(ln) for ln in
+                                     before["metrics.jsonl"].decode().splitlines()]
+
+
+def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, capsys):
+  from lora_jax.cli import main
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for out in (blocker / "run", "/proc/lora_jax_no_such_run"):
+    rc = main(["train", "--config", fs.TINY_LORA, f"--config.output_dir={out}", *fs.RUN_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"lora-jax train: output_dir: cannot write to '{out}'" in err, err
+  assert blocker.read_text() == "x"
+
+
+def test_too_little_disk_is_a_clear_error_before_training(tmp_path, capsys, monkeypatch):
+  import lora_jax.train as train_lib
+  from lora_jax.cli import main
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(train_lib.shutil, "disk_usage",
+                      lambda p: usage._replace(free=1000))
+  rc = main(["train", "--config", fs.TINY_LORA, f"--config.output_dir={tmp_path / 'run'}",
+             *fs.RUN_ARGS])
+  err = capsys.readouterr().err
+  assert rc == 1 and "GiB free but one checkpoint needs" in err, err
+  assert not (tmp_path / "run" / "checkpoints").exists()
