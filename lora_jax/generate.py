@@ -100,6 +100,23 @@ def sample_tokens(logits_BV: Array, row_ids_B: Array, step, seed, temperature, t
   return jax.vmap(jax.random.categorical)(keys_B, filtered).astype(jnp.int32)
 
 
+# --------------------------------------------------------------------------- mesh
+def place_on_mesh(config: LlamaConfig, params: Any, lora: LoraConfig | None, mesh: Any):
+  """(batch sharding, batch multiple, params placed with the training layout).
+
+  Batches split over the mesh's data-parallel axes ("data", "fsdp"); params follow
+  `lora_jax.sharding.RULES` (a no-op for params already placed that way). The mesh should
+  have Auto axis types, as `lora_jax.sharding.make_mesh` builds it.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from lora_jax import sharding
+  from lora_jax.model import param_logical_axes
+  shardings = sharding.tree_shardings(params, param_logical_axes(config, lora), mesh)
+  batch = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))  # leading dim, any rank
+  return batch, sharding.data_parallel_size(mesh), sharding.put_tree(params, shardings)
+
+
 # --------------------------------------------------------------------------- device functions
 _DEVICE_FNS: dict = {}
 
@@ -197,15 +214,8 @@ class Generator:
     self._batch_multiple = 1
     self._data_sharding = None
     if mesh is not None:
-      from jax.sharding import NamedSharding, PartitionSpec
-      axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp", "batch", "dp"))
-      axes = axes or (mesh.axis_names[0],)
-      self._batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
-      self._data_sharding = NamedSharding(mesh, PartitionSpec(axes))
-      replicated = NamedSharding(mesh, PartitionSpec())
-      params = jax.tree_util.tree_map(
-          lambda x: x if (isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) is mesh)
-          else jax.device_put(x, replicated), params)
+      self._data_sharding, self._batch_multiple, params = place_on_mesh(
+          config, params, lora_config, mesh)
     self.params = params
     self._prefill, self._decode, self.trace_counts = _device_fns(
         config, lora_config, self.eos_ids, self.pad_id, cache_dtype)

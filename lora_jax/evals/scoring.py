@@ -94,11 +94,9 @@ class Scorer:
     self.max_length = int(max_length or config.max_position_embeddings)
     self._sharding, self._multiple = None, 1
     if mesh is not None:
-      from jax.sharding import NamedSharding, PartitionSpec
-      axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp", "batch", "dp"))
-      axes = axes or (mesh.axis_names[0],)
-      self._multiple = int(np.prod([mesh.shape[a] for a in axes]))
-      self._sharding = NamedSharding(mesh, PartitionSpec(axes))
+      from lora_jax.generate import place_on_mesh
+      self._sharding, self._multiple, self.params = place_on_mesh(config, params, lora_config,
+                                                                  mesh)
     self._fn, self.trace_count = _score_fn(config, lora_config)
 
   def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
