@@ -1,4 +1,4 @@
-"""`lora-jax eval` end to end on a tiny random model, and run_evals with LoRA (unmerged vs merged)."""
+"""`lora-jax eval` end to end on a tiny random model; run_evals with LoRA unmerged vs merged."""
 
 import json
 import os

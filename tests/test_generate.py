@@ -197,7 +197,8 @@ from lora_jax.sharding import make_mesh
 cfg, tok = preset("tiny"), ByteTokenizer()
 p = init_params(cfg, jax.random.key(0))
 prompts, reqs = [[1, 40, 41], [1, 50], [1, 60, 61, 62]], [("ab", "c"), ("x", "yz"), ("q", "r")]
-ref = Generator(cfg, p, None, tok, batch_size=4, eos_ids=()).generate_tokens(prompts, max_new_tokens=4)
+ref = Generator(cfg, p, None, tok, batch_size=4, eos_ids=()).generate_tokens(
+    prompts, max_new_tokens=4)
 ref_s = [s.logprob for s in Scorer(cfg, p, None, tok, batch_size=4).score(reqs)]
 for shape in ({"data": 2, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 2}):
   mesh = make_mesh(shape)

@@ -19,7 +19,8 @@ def _problems(rel):
 @pytest.mark.parametrize("text,strict,flexible", [
     ("She has 3 + 4 = 7 apples.\n#### 7", "7", "7"),
     ("#### 1,000\n\nQuestion:", "1000", "1000"),
-    ("The total is $1,234.50. #### $1,234.50", "invalid", "1234.5"),  # strict wants digits after ####
+    # strict wants a digit right after "#### "
+    ("The total is $1,234.50. #### $1,234.50", "invalid", "1234.5"),
     ("#### 18.", "18", "18"),
     ("#### 5.00", "5", "5"),
     ("#### -3\nextra 99", "-3", "99"),

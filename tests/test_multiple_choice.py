@@ -38,7 +38,8 @@ def test_hellaswag_docs():
   assert d.choice_texts[0] == "waits for the water to boil and pours it over a tea bag."
   assert docs[1].contexts[0] == ("Home and Garden: How to water a cactus. Check the soil first. "
                                  "push a finger into the soil")
-  assert docs[3].contexts[0] == "Washing dishes: A boy stands at the sink with a sponge."  # ctx_b ""
+  # ctx_b is "": the context is ctx_a plus a trailing space, stripped by preprocess
+  assert docs[3].contexts[0] == "Washing dishes: A boy stands at the sink with a sponge."
   assert docs[4].contexts[0].endswith("start. The gun fires and")
 
 
@@ -59,11 +60,13 @@ def test_arc_and_piqa_docs():
   docs = _docs("arc_challenge", "arc_challenge/test.jsonl")
   assert [d.gold for d in docs] == [1, 2, 1, 0, 2]  # letter and numeric answer keys
   assert [len(d.contexts) for d in docs] == [4, 4, 3, 4, 5]
-  assert docs[0].contexts[0] == "Question: Which gas do plants take in from the air to make food?\nAnswer:"
+  assert docs[0].contexts[0] == (
+      "Question: Which gas do plants take in from the air to make food?\nAnswer:")
   assert docs[0].continuations[1] == " carbon dioxide"
   piqa = _docs("piqa", "piqa/validation.jsonl")
   assert piqa[1].contexts[0] == "Question: To open a jar with a tight lid,\nAnswer:"
-  assert piqa[1].gold == 1 and piqa[1].continuations[1] == " run the lid under hot water, then twist."
+  assert piqa[1].gold == 1
+  assert piqa[1].continuations[1] == " run the lid under hot water, then twist."
 
 
 def test_gauntlet_formats():
@@ -135,7 +138,8 @@ def test_evaluate_with_fewshot_prefix():
   assert len(scorer.requests) == sum(len(d.contexts) for d in docs)
   ctx0, cont0 = scorer.requests[0]
   assert ctx0.count("Question:") == 4 and ctx0.count("\n\n") == 3 and cont0 == " oxygen"
-  assert ctx0.endswith("\n\nQuestion: Which gas do plants take in from the air to make food?\nAnswer:")
+  assert ctx0.endswith(
+      "\n\nQuestion: Which gas do plants take in from the air to make food?\nAnswer:")
   by = {e["metric"]: e for e in entries}
   assert set(by) == {"acc", "acc_norm", "acc_per_token"}
   assert by["acc_norm"]["settings"]["headline_metric"] == "acc_norm"

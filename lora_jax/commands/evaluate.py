@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-new-tokens", type=int, default=512, help="HumanEval completion budget")
   p.add_argument("--workers", type=int, default=2, help="HumanEval sandbox processes")
   p.add_argument("--step", type=int, default=None, help="training step recorded in results.json")
-  p.add_argument("--tokens", type=int, default=None, help="training tokens recorded in results.json")
+  p.add_argument("--tokens", type=int, default=None,
+                 help="training tokens recorded in results.json")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

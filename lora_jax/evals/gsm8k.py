@@ -120,7 +120,8 @@ def sample_shots(pool: Sequence[Any], k: int, rng: random.Random,
 
 
 def evaluate_gsm8k(generate_fn: Callable[..., list[list[str]]], problems: Sequence[Problem],
-                   shot_pool: Sequence[Problem] | None = None, *, num_fewshot: int = DEFAULT_FEWSHOT,
+                   shot_pool: Sequence[Problem] | None = None, *,
+                   num_fewshot: int = DEFAULT_FEWSHOT,
                    seed: int = DEFAULT_SEED, max_new_tokens: int = 256,
                    limit: int | None = None, stop: Sequence[str] = STOP,
                    source: str = "") -> tuple[list[dict], list[dict]]:
@@ -149,7 +150,8 @@ def evaluate_gsm8k(generate_fn: Callable[..., list[list[str]]], problems: Sequen
                  "flexible_match": flexible[-1]})
   settings = {"num_fewshot": num_fewshot, "fewshot_seed": seed, "greedy": True,
               "max_new_tokens": max_new_tokens, "stop": list(stop),
-              "fewshot_source": "eval split (excluding the problem)" if same_pool else "train split",
+              "fewshot_source": ("eval split (excluding the problem)" if same_pool
+                                 else "train split"),
               "prompt_format": "lm-eval gsm8k: Question: ...\\nAnswer: ...", "source": source,
               "headline_metric": "strict_match"}
   entries = [entry(TASK, "strict_match", strict, settings),

@@ -192,7 +192,8 @@ def evaluate_multiple_choice(task: str, scorer: Any, docs: Sequence[MCDoc],
                              shot_pool: Sequence[MCDoc] | None = None, *,
                              num_fewshot: int | None = None, seed: int = DEFAULT_SEED,
                              limit: int | None = None, headline: str | None = None,
-                             progress: Any = None, source: str = "") -> tuple[list[dict], list[dict]]:
+                             progress: Any = None,
+                             source: str = "") -> tuple[list[dict], list[dict]]:
   """(result entries for METRICS, per-sample rows). `scorer` is a `scoring.Scorer`."""
   num_fewshot = DEFAULT_FEWSHOT[task] if num_fewshot is None else int(num_fewshot)
   headline = headline or DEFAULT_HEADLINE[task]

