@@ -7,6 +7,7 @@ messages in more variants; these check that they reach the user intact.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -218,11 +219,21 @@ def test_eval_tokenizer_vocab_larger_than_the_model(tmp_path, capsys):
 
 
 @CLI_UNCAUGHT
-def test_hf_model_path_without_weights(tmp_path, capsys):
+def test_hf_model_path_with_a_bad_config_json(tmp_path, capsys):
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
   rc, msg = _train(tmp_path, capsys, f"--config.model.hf_path={tmp_path / 'm'}")
-  assert rc == 2 and str(tmp_path / "m") in msg, msg
+  assert rc == 2 and msg.startswith("lora-jax train: config error: model.hf_path: "), msg
+  assert str(tmp_path / "m") in msg and "vocab_size" in msg, msg
+
+
+@CLI_UNCAUGHT
+def test_hf_model_path_without_weights(tiny_hf, tmp_path, capsys):
+  (tmp_path / "m").mkdir()
+  shutil.copy(os.path.join(tiny_hf, "config.json"), tmp_path / "m" / "config.json")
+  rc, msg = _train(tmp_path, capsys, f"--config.model.hf_path={tmp_path / 'm'}")
+  assert rc == 2 and msg.startswith("lora-jax train: config error: model.hf_path: "), msg
+  assert str(tmp_path / "m") in msg and "safetensors" in msg, msg
 
 
 # --------------------------------------------------------------------------- eval
