@@ -296,12 +296,7 @@ def load_config(path: str | None, overrides: Iterable[str] = ()) -> ml_collectio
   if path:
     if not os.path.isfile(path):
       raise ConfigError("config", f"no config file at {path!r}")
-    spec = importlib.util.spec_from_file_location("_lora_jax_run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise ConfigError("config", f"{path} defines no get_config()")
-    loaded = module.get_config()
+    loaded = _run_config_file(path)
     _check_schema(loaded, cfg, "")
     cfg = loaded
   for o in overrides:
@@ -311,6 +306,41 @@ def load_config(path: str | None, overrides: Iterable[str] = ()) -> ml_collectio
     key, text = o.split("=", 1)
     apply_override(cfg, key, text)
   return cfg
+
+
+def _run_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the file at `path`; whatever the file raises (a syntax error, a value of
+  the wrong type refused by ConfigDict, a NameError) becomes a ConfigError naming file:line."""
+  try:
+    spec = importlib.util.spec_from_file_location("_lora_jax_run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError("config", f"{path} defines no get_config()")
+    loaded = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 - user code: any exception is a bad config file
+    raise ConfigError("config", f"{_line_in(path, e)}: {type(e).__name__}: {e}") from None
+  if not isinstance(loaded, ml_collections.ConfigDict):
+    raise ConfigError("config", f"{path}: get_config() returned {type(loaded).__name__}, not a "
+                      "ConfigDict (start from default_config())")
+  return loaded
+
+
+def _line_in(path: str, error: BaseException) -> str:
+  """"path:line" of the innermost frame of `error` inside the file at `path` (or just path)."""
+  target = os.path.abspath(path)
+  if isinstance(error, SyntaxError) and error.filename and error.lineno:
+    if os.path.abspath(error.filename) == target:
+      return f"{path}:{error.lineno}"
+  line = None
+  tb = error.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return f"{path}:{line}" if line else path
 
 
 def _check_schema(cfg, ref, prefix):

@@ -19,8 +19,6 @@ from lora_jax import cli
 # Bugs found by these tests, open until fixed in the named file (strict: a fix turns them red).
 CLI_UNCAUGHT = pytest.mark.xfail(strict=True, reason="commands/train.py lets DataError / tokenizer "
                                  "errors escape as a traceback")
-CONFIG_EXEC = pytest.mark.xfail(strict=True, reason="run_config.load_config lets an exception "
-                                "raised by the config file escape as a traceback")
 GSM8K_SHAPE = pytest.mark.xfail(strict=True, reason="evals/gsm8k.py does not check the generator's "
                                 "output shape (IndexError)")
 
@@ -84,7 +82,6 @@ def test_bad_config_file_names_the_key(tmp_path, capsys, body, key, words):
   assert words in line, line
 
 
-@CONFIG_EXEC
 @pytest.mark.parametrize("body, words", [
     ("  c.lora.rank = [8]\n", "'rank'"),  # ml_collections refuses the type inside get_config()
     ("  c.optimizer.lr = 'fast'\n", "'lr'"),
@@ -97,7 +94,6 @@ def test_config_file_that_raises_names_file_and_line(tmp_path, capsys, body, wor
   assert f"{path}:5" in line and words in line, line
 
 
-@CONFIG_EXEC
 def test_config_file_that_does_not_load(tmp_path, capsys):
   rc, line = _train(tmp_path, capsys, config=tmp_path / "missing.py")
   assert rc == 2 and "no config file at" in line and "missing.py" in line
