@@ -144,12 +144,27 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def open_tokenizer(cfg, vocab_size: int | None = None):
+  """The run's tokenizer; a missing / unreadable file, or a vocab larger than the model's
+  (`vocab_size`), is a DataError naming data.tokenizer."""
+  from lora_jax.data import DataError, check_vocab, load_tokenizer
+  try:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if vocab_size is not None:
+      check_vocab(tokenizer, vocab_size)
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:
+    msg = str(e).removeprefix("data.tokenizer: ")
+    raise DataError("data.tokenizer", msg) from None
+  return tokenizer
+
+
 def _open_data(cfg, model_config: LlamaConfig, data_iter: Any):
   if data_iter is not None:
     return data_iter
-  from lora_jax.data import check_vocab, load_tokenizer, make_batch_iterator
-  tokenizer = load_tokenizer(cfg.data.tokenizer)
-  check_vocab(tokenizer, model_config.vocab_size)
+  from lora_jax.data import make_batch_iterator
+  tokenizer = open_tokenizer(cfg, model_config.vocab_size)
   return make_batch_iterator(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
                              batch_size=cfg.train.global_batch // jax.process_count(),
                              seed=cfg.seed, process_index=jax.process_index(),

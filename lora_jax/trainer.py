@@ -37,8 +37,12 @@ def model_config_from(cfg: ml_collections.ConfigDict) -> LlamaConfig:
   """LlamaConfig of the run: preset or HF config.json, + model.overrides and numerics."""
   m = cfg.model
   if m.hf_path:
-    with open(os.path.join(m.hf_path, "config.json")) as f:
-      base = LlamaConfig.from_hf(json.load(f))
+    path = os.path.join(m.hf_path, "config.json")
+    try:
+      with open(path) as f:
+        base = LlamaConfig.from_hf(json.load(f))
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, or missing keys
+      raise rc.ConfigError("model.hf_path", f"{path}: {e}") from None
   else:
     base = preset(m.preset)
   overrides = dict(m.overrides.to_dict() if hasattr(m.overrides, "to_dict") else m.overrides)
@@ -140,7 +144,10 @@ class Trainer:
       else:
         from lora_jax.interop.hf import load_hf
         source, key = "hf", "model.hf_path"
-        _, host = load_hf(cfg.model.hf_path, dtype=mc.param_dtype)
+        try:
+          _, host = load_hf(cfg.model.hf_path, dtype=mc.param_dtype)
+        except (OSError, ValueError) as e:  # missing / truncated / mismatched weights
+          raise rc.ConfigError(key, str(e)) from None
       self._check_base(host, key)
       host = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.param_dtype)), host)
       base = sharding.put_tree(host, self.base_sharding)

@@ -98,10 +98,6 @@ def slow_steps(seconds: float) -> None:
 
 
 def main() -> int:
-  import logging
-  # Installing the hooks imports orbax, whose absl logging calls logging.basicConfig() first;
-  # keep lora_jax's INFO lines (the tests read "resumed from ... at step N").
-  logging.getLogger("lora_jax").setLevel(logging.INFO)
   spec = os.environ.get("LORA_JAX_TEST_KILL", "")
   if spec:
     install(spec)

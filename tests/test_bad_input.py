@@ -17,8 +17,6 @@ import _fault_support as fs
 from lora_jax import cli
 
 # Bugs found by these tests, open until fixed in the named file (strict: a fix turns them red).
-CLI_UNCAUGHT = pytest.mark.xfail(strict=True, reason="commands/train.py lets DataError / tokenizer "
-                                 "errors escape as a traceback")
 GSM8K_SHAPE = pytest.mark.xfail(strict=True, reason="evals/gsm8k.py does not check the generator's "
                                 "output shape (IndexError)")
 
@@ -127,7 +125,6 @@ def _jsonl(*args):
   return ("--config.data.source=jsonl", *args)
 
 
-@CLI_UNCAUGHT
 @pytest.mark.parametrize("name, line, words", [
     ("bad_json.jsonl", 3, "invalid JSON"),
     ("missing_field.jsonl", 3, "missing data.text_field 'text'"),
@@ -140,7 +137,6 @@ def test_bad_data_line_names_file_and_line(tmp_path, capsys, name, line, words):
   assert words in msg, msg
 
 
-@CLI_UNCAUGHT
 def test_binary_garbage_names_file_and_line(tmp_path, capsys):
   path = tmp_path / "garbage.jsonl"
   path.write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)) * 3 + b"\n")
@@ -148,7 +144,6 @@ def test_binary_garbage_names_file_and_line(tmp_path, capsys):
   assert rc == 2 and msg.startswith(f"lora-jax train: data error: {path}:2: not valid UTF-8"), msg
 
 
-@CLI_UNCAUGHT
 @pytest.mark.parametrize("make, words", [
     (lambda d: os.path.join(DATA, "empty.jsonl"), "empty file"),
     (lambda d: str(d / "nope.jsonl"), "no such file"),
@@ -162,7 +157,6 @@ def test_missing_or_empty_data_file(tmp_path, capsys, make, words):
   assert not (tmp_path / "run" / "checkpoints").exists()  # found before anything was built
 
 
-@CLI_UNCAUGHT
 def test_wrong_tfds_name(tmp_path, capsys):
   pytest.importorskip("tensorflow_datasets")
   rc, msg = _train(tmp_path, capsys, "--config.data.source=tfds",
@@ -171,14 +165,12 @@ def test_wrong_tfds_name(tmp_path, capsys):
                                     "'no_such_dataset_xyz' not found"), msg
 
 
-@CLI_UNCAUGHT
 def test_missing_tokenizer_file(tmp_path, capsys):
   rc, msg = _train(tmp_path, capsys, f"--config.data.tokenizer={tmp_path / 'tok.json'}")
   assert rc == 2 and "tokenizer" in msg and str(tmp_path / "tok.json") in msg, msg
 
 
 # --------------------------------------------------------------------------- checkpoints
-@CLI_UNCAUGHT
 def test_tokenizer_vocab_larger_than_the_model(tmp_path, capsys):
   rc, msg = _train(tmp_path, capsys, "--config.model.overrides.vocab_size=200")
   assert rc == 2 and msg.startswith("lora-jax train: data error: data.tokenizer: tokenizer "
@@ -214,7 +206,6 @@ def test_eval_tokenizer_vocab_larger_than_the_model(tmp_path, capsys):
   assert "Traceback" not in err
 
 
-@CLI_UNCAUGHT
 def test_hf_model_path_with_a_bad_config_json(tmp_path, capsys):
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
@@ -223,7 +214,6 @@ def test_hf_model_path_with_a_bad_config_json(tmp_path, capsys):
   assert str(tmp_path / "m") in msg and "vocab_size" in msg, msg
 
 
-@CLI_UNCAUGHT
 def test_hf_model_path_without_weights(tiny_hf, tmp_path, capsys):
   (tmp_path / "m").mkdir()
   shutil.copy(os.path.join(tiny_hf, "config.json"), tmp_path / "m" / "config.json")

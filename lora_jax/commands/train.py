@@ -49,9 +49,8 @@ def _eval_fn(cfg):
   import os
 
   from lora_jax import run_config as rc
-  from lora_jax.data import load_tokenizer
   from lora_jax.evals.runner import EvalOptions, check_data, expand_tasks, run_evals
-  from lora_jax.train import model_config_from
+  from lora_jax.train import model_config_from, open_tokenizer
   try:
     tasks = expand_tasks(cfg.eval.tasks)
     options = EvalOptions(data_dir=cfg.eval.data_dir or None, limit=cfg.eval.limit or None,
@@ -60,7 +59,7 @@ def _eval_fn(cfg):
   except (ValueError, FileNotFoundError) as e:
     raise rc.ConfigError("eval.tasks", str(e)) from None
   model_config, lora = model_config_from(cfg), rc.lora_config(cfg)
-  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  tokenizer = open_tokenizer(cfg)
   log = logging.getLogger("lora_jax.eval").info
 
   def eval_fn(step, params):
@@ -79,6 +78,9 @@ def run(args) -> int:
   from lora_jax import run_config as rc
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
+  # basicConfig is a no-op when something (absl, via an earlier orbax import) configured the root
+  # logger first; the run's own INFO lines ("resumed from ... at step N") must still show.
+  logging.getLogger("lora_jax").setLevel(logging.INFO)
   try:
     cfg = rc.load_config(args.config, getattr(args, "overrides", []) or [])
     rc.validate_config(cfg)
@@ -88,11 +90,15 @@ def run(args) -> int:
   if args.print_config:
     print(cfg)
     return 0
+  from lora_jax.data import DataError
   from lora_jax.train import TrainingError, train
   try:
     result = train(cfg, eval_fn=_eval_fn(cfg), force=args.force)
   except rc.ConfigError as e:
     print(f"lora-jax train: config error: {e}", file=sys.stderr)
+    return 2
+  except DataError as e:  # names file:line, or the data.* key
+    print(f"lora-jax train: data error: {e}", file=sys.stderr)
     return 2
   except TrainingError as e:
     print(f"lora-jax train: {e}", file=sys.stderr)
