@@ -115,10 +115,14 @@ class LoraDense(nn.Module):
     d_in = x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), self.kernel_axes), (d_in, self.features), self.param_dtype)
-    x = x.astype(self.dtype)
+    # Matmuls on 2-D [tokens, in] operands: with a [B, L, in] operand XLA:CPU lays out the
+    # weight-gradient dot with a transposed [out, B*L] copy of the incoming gradient, which costs
+    # more than the matmul itself (2.7x slower fwd+bwd for a [8, 256, 512] x [512, 1408] layer).
+    lead = x.shape[:-1]
+    x = x.reshape(-1, d_in).astype(self.dtype)
     y = x @ kernel.astype(self.dtype)
     if self.lora is None or self.name not in self.lora.target_modules:
-      return y
+      return y.reshape(lead + (self.features,))
     lora = self.lora
     a = self.param("lora_a", nn.with_logical_partitioning(
         _a_init(lora), (self.kernel_axes[0], "lora_rank")), (d_in, lora.rank), self.param_dtype)
@@ -127,8 +131,9 @@ class LoraDense(nn.Module):
         (lora.rank, self.features), self.param_dtype)
     if lora.dropout > 0:
       x = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
-    return y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(
+    y = y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(
         lora.scale, self.dtype)
+    return y.reshape(lead + (self.features,))
 
 
 # --------------------------------------------------------------------------- pytree helpers
