@@ -286,6 +286,56 @@ def load_run(output_dir: str, step: int | None = None, *, base_params: Any = Non
   return trainer.model_config, trainer.lora_config, trainer.params(), meta
 
 
+# --------------------------------------------------------------------------- resume
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+def _restore_newest(manager, trainer: Trainer, out_dir: str):
+  """(step, state, data_state, meta) of the newest checkpoint that restores.
+
+  Orbax only lists committed checkpoints, but a committed one can still be unreadable (a file
+  truncated or damaged after the save). Then the one before is tried; once one restores, the
+  newer unreadable ones are moved to output_dir/checkpoints_unreadable/ (kept for inspection,
+  and out of the way of the run saving those steps again). If none restores, nothing is moved
+  and TrainingError lists every failure.
+  """
+  failed: list[tuple[int, str]] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, data_state, meta = ckpt.restore(manager, step, trainer.abstract_state)
+    except Exception as e:  # noqa: BLE001 - damage surfaces as tensorstore/JSON/orbax errors
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      failed.append((step, f"{type(e).__name__}: {first}"))
+      log.warning("checkpoint %d in %s is unreadable (%s); trying the one before", step,
+                  manager.directory, failed[-1][1])
+      continue
+    if failed:
+      _set_aside(manager, out_dir, [s for s, _ in failed])
+    return step, state, data_state, meta
+  lines = "\n".join(f"  step {s}: {why}" for s, why in failed)
+  raise TrainingError(
+      f"no checkpoint in {manager.directory} can be restored:\n{lines}\n(a config change that "
+      "alters the trained state, e.g. lora.rank, cannot resume even with --force); move the "
+      "checkpoints away to start over")
+
+
+def _set_aside(manager, out_dir: str, steps: list[int]) -> None:
+  """Moves checkpoint dirs `steps` to output_dir/checkpoints_unreadable/<step>[-<time>]."""
+  if jax.process_index() == 0:
+    root = os.path.join(out_dir, UNREADABLE_DIR)
+    os.makedirs(root, exist_ok=True)
+    for s in steps:
+      dest = os.path.join(root, str(s))
+      if os.path.exists(dest):
+        dest += time.strftime("-%Y%m%dT%H%M%S")
+      shutil.move(os.path.join(str(manager.directory), str(s)), dest)
+      log.warning("moved unreadable checkpoint %d to %s", s, dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("lora_jax_set_aside_checkpoints")
+  manager.reload()
+
+
 # --------------------------------------------------------------------------- train
 class _Session:
   """One train() call: the step loop with its metrics, evals, checkpoints and fault handling."""
@@ -433,7 +483,7 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict
     trainer.init_state(base_params, with_state=latest is None)
     start, bad_steps = 0, 0
     if latest is not None:
-      state, data_state, meta = ckpt.restore(manager, latest, trainer.abstract_state)
+      latest, state, data_state, meta = _restore_newest(manager, trainer, out_dir)
       saved_fp = meta.get("base", {}).get("fingerprint")
       if saved_fp != trainer.base_pointer["fingerprint"] and not force:
         raise TrainingError(f"checkpoint {latest} in {out_dir!r} was trained on a different base "
