@@ -17,6 +17,7 @@ or gradient skips that update (params unchanged) up to train.max_bad_steps times
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -336,6 +337,22 @@ def _set_aside(manager, out_dir: str, steps: list[int]) -> None:
   manager.reload()
 
 
+@contextlib.contextmanager
+def _save_errors(manager):
+  """A failed checkpoint write (disk full, a storage error; an async commit's error surfaces at
+  the next save or wait) becomes a TrainingError naming the last complete checkpoint."""
+  try:
+    yield
+  except TrainingError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax re-raises the writer's error as is
+    out_dir = os.path.dirname(str(manager.directory))
+    raise TrainingError(
+        f"saving a checkpoint in {manager.directory} failed ({type(e).__name__}: {e}); the last "
+        f"complete checkpoint is {_latest_checkpoint_on_disk(out_dir)}: free space or fix the "
+        "output_dir, then run again to resume from it") from e
+
+
 # --------------------------------------------------------------------------- train
 class _Session:
   """One train() call: the step loop with its metrics, evals, checkpoints and fault handling."""
@@ -362,7 +379,8 @@ class _Session:
   def save(self, step: int, best: float | None = None) -> None:
     meta = {**self._position(step), "bad_steps": self.bad_steps,
             "base": self.trainer.base_pointer, "lora": self.trainer.lora_config is not None}
-    ckpt.save(self.manager, step, self.trainer.state, self.data.get_state(), meta, best=best)
+    with _save_errors(self.manager):
+      ckpt.save(self.manager, step, self.trainer.state, self.data.get_state(), meta, best=best)
     self.last_saved = step
 
   def handle(self, step: int, metrics) -> None:
@@ -443,7 +461,8 @@ class _Session:
         self.handle(*pending)
       if self.last_saved != self.step:
         self.save(self.step)
-      self.manager.wait_until_finished()
+      with _save_errors(self.manager):
+        self.manager.wait_until_finished()
     if preempted:
       log.warning("preempted: checkpoint of step %d saved in %s; exiting with code %d",
                   self.step, self.manager.directory, EXIT_PREEMPTED)
@@ -477,7 +496,7 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict
   keep_steps = set(rc.keep_steps(cfg))
   manager = ckpt.make_manager(out_dir, keep=t.keep_checkpoints, async_save=t.async_checkpointing,
                               best_mode=best_mode, keep_steps=sorted(keep_steps))
-  writer = None
+  writer, ok = None, False
   try:
     latest = manager.latest_step()
     trainer.init_state(base_params, with_state=latest is None)
@@ -508,8 +527,15 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict
         exports = export(trainer, out_dir, t.export)
       except ImportError as e:
         log.warning("export skipped: %s", e)
+    ok = True
   finally:
-    manager.close()  # waits for an async save in flight (of a good step)
+    try:
+      with _save_errors(manager):
+        manager.close()  # waits for an async save in flight (of a good step)
+    except TrainingError as e:
+      if ok:
+        raise
+      log.error("%s", e)  # do not hide the error that stopped training
     if writer is not None:
       writer.close()
   return TrainResult(params=trainer.params(), config=cfg, model_config=trainer.model_config,

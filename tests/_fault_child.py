@@ -8,6 +8,8 @@ LORA_JAX_TEST_KILL="<where>:<step>" picks the moment the process SIGKILLs itself
             written, the data item not yet (a torn, uncommitted checkpoint)
   commit:N  inside the commit of checkpoint N: every item written, the atomic rename not done
   async:N   right after checkpoint N's save was started, its async commit still in flight
+LORA_JAX_TEST_ENOSPC=N makes the commit of checkpoint N fail with ENOSPC ("disk full") in the
+background commit thread, as a full disk does mid-run.
 LORA_JAX_TEST_STEP_SLEEP=<seconds> makes every optimizer step that much slower (a stand-in for a
 big model), so a signal sent from outside lands mid-run.
 Without the variables this is plain `lora-jax`. The hooks wrap library functions from outside,
@@ -97,10 +99,26 @@ def slow_steps(seconds: float) -> None:
   train_lib.Trainer.step = step
 
 
+def disk_full_at(target: int) -> None:
+  import errno
+
+  from lora_jax import checkpoint as ckpt
+  finalize = ckpt.DataStateHandler.finalize
+
+  def handler_finalize(self, directory):
+    if _step_of(directory) == target:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return finalize(self, directory)
+
+  ckpt.DataStateHandler.finalize = handler_finalize
+
+
 def main() -> int:
   spec = os.environ.get("LORA_JAX_TEST_KILL", "")
   if spec:
     install(spec)
+  if os.environ.get("LORA_JAX_TEST_ENOSPC"):
+    disk_full_at(int(os.environ["LORA_JAX_TEST_ENOSPC"]))
   if os.environ.get("LORA_JAX_TEST_STEP_SLEEP"):
     slow_steps(float(os.environ["LORA_JAX_TEST_STEP_SLEEP"]))
   from lora_jax.cli import main as cli_main

@@ -7,6 +7,7 @@
   - a committed newest checkpoint that was later truncated: the run resumes from the one before;
   - SIGTERM: checkpoint + exit code 143 within 30 s, then the next start resumes;
   - NaN loss: exit 1 naming the step, nothing saved past the last good checkpoint;
+  - disk full while a checkpoint commits: exit 1 naming the last complete one, then resume;
   - a different config in the same output_dir: refused with the changed keys, unless --force;
   - an unwritable output_dir or too little disk: a clear error before training starts.
 
@@ -255,6 +256,22 @@ def test_changed_config_is_refused_with_the_key_diff_unless_forced(reference, tm
   assert [r["step"] for r in fs.metrics(out)] == list(range(1, STEPS + 2))
   assert fs.metrics(out)[:STEPS] == [json.loads(ln) for ln in
                                      before["metrics.jsonl"].decode().splitlines()]
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run_is_a_clear_error_and_the_next_start_resumes(reference, tmp_path):
+  out = tmp_path / "run"
+  # checkpoint 4's async commit fails with ENOSPC; the error surfaces at the save of 6
+  proc = fs.run_train(out, *fs.RUN_ARGS, extra_env={"LORA_JAX_TEST_ENOSPC": 4})
+  assert proc.returncode == 1, fs.tail(proc)
+  line = [ln for ln in proc.stderr.splitlines() if ln.startswith("lora-jax train:")]
+  assert len(line) == 1 and "No space left on device" in line[0], fs.tail(proc)
+  assert "the last complete checkpoint is 2" in line[0], line
+  assert fs.committed_steps(out) == [2]
+  proc = fs.run_train(out, *fs.RUN_ARGS)
+  assert proc.returncode == 0 and fs.resumed_step(proc.stderr) == 2, fs.tail(proc)
+  assert fs.deterministic(fs.metrics(out)) == reference["metrics"]
+  fs.assert_same_state(fs.checkpoint_state(out, STEPS), reference["state"])
 
 
 def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, capsys):
