@@ -12,7 +12,11 @@ Order of work (every check that can fail does so before anything expensive):
 
 Faults: SIGTERM saves a checkpoint and returns `exit_code=EXIT_PREEMPTED` (143); a NaN/Inf loss
 or gradient skips that update (params unchanged) up to train.max_bad_steps times, then raises
-`TrainingError` naming the step (no checkpoint is written past the last good one).
+`TrainingError` naming the step (no checkpoint is written past the last good one). A failed
+checkpoint write (disk full) raises `TrainingError` naming the last complete checkpoint. Resume
+takes the newest checkpoint that restores: damaged newer ones are moved to
+output_dir/checkpoints_unreadable/. tests/test_faults.py kills runs at random points (SIGKILL,
+mid-save included) and checks the resumed run is bitwise the uninterrupted one.
 """
 
 from __future__ import annotations

@@ -274,6 +274,19 @@ def test_disk_full_mid_run_is_a_clear_error_and_the_next_start_resumes(reference
   fs.assert_same_state(fs.checkpoint_state(out, STEPS), reference["state"])
 
 
+def test_torn_metrics_line_and_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+  """SIGKILL can cut metrics.jsonl mid-line, after steps the checkpoint does not hold."""
+  from lora_jax.metrics import MetricsWriter
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+                  + '{"step": 6, "lo')
+  writer = MetricsWriter(str(tmp_path), tensorboard=False, initial_step=4, progress=False)
+  writer.write({"step": 5, "loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in fs.metrics(tmp_path)] == [1, 2, 3, 4, 5]
+  assert fs.metrics(tmp_path)[-1]["loss"] == 0.5
+
+
 def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, capsys):
   from lora_jax.cli import main
   blocker = tmp_path / "a_file"
