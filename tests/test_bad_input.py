@@ -158,7 +158,6 @@ def test_missing_or_empty_data_file(tmp_path, capsys, make, words):
 
 
 def test_wrong_tfds_name(tmp_path, capsys):
-  pytest.importorskip("tensorflow_datasets")
   rc, msg = _train(tmp_path, capsys, "--config.data.source=tfds",
                    "--config.data.path=no_such_dataset_xyz", f"--config.data.data_dir={tmp_path}")
   assert rc == 2 and msg.startswith("lora-jax train: data error: data.path: TFDS dataset "
