@@ -18,11 +18,11 @@ import gzip
 import importlib.util
 import json
 import os
-import tempfile
 from typing import Callable, Iterable, Mapping, Sequence
 
 from lora_jax.data.errors import DataError, describe_type
 from lora_jax.evals import diversity, passk, results, sandbox
+from lora_jax.fileio import atomic_write_json
 
 TASK = "humaneval"
 STOP_BIGCODE = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
@@ -152,28 +152,13 @@ def _check_generations(out, prompts: Sequence[str], n: int) -> list[list[str]]:
   return [list(cs) for cs in out]
 
 
-def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                             dir=os.path.dirname(path) or ".")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mapping]) -> dict:
   """Atomically writes samples_humaneval.jsonl (the per-sample rows, named like every task's in
   evals/results.py) and humaneval_results.json (these entries); returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {"samples": results.write_samples(out_dir, TASK, rows),
            "results": os.path.join(out_dir, "humaneval_results.json")}
-  _write_atomic(paths["results"], json.dumps(list(entries), indent=1) + "\n")
+  atomic_write_json(paths["results"], list(entries))
   return paths
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
+
+from lora_jax.fileio import atomic_write_json, atomic_write_text, json_default
 
 FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")
 RESULTS_FILE = "results.json"
@@ -76,35 +77,15 @@ def build_results(entries: Sequence[Mapping], *, model: str, adapter: str | None
           "results": [dict(e) for e in entries], "headline": headline}
 
 
-def _atomic_write(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _json_default(x: Any):
-  if hasattr(x, "item"):
-    return x.item()
-  raise TypeError(f"not JSON serializable: {type(x).__name__}")
-
-
 def write_results(out_dir: str, results: Mapping) -> str:
   path = os.path.join(out_dir, RESULTS_FILE)
-  _atomic_write(path, json.dumps(results, indent=2, default=_json_default, allow_nan=True) + "\n")
+  atomic_write_json(path, results, indent=2, allow_nan=True)
   return path
 
 
 def write_samples(out_dir: str, task: str, rows: Iterable[Mapping]) -> str:
   path = os.path.join(out_dir, f"samples_{task}.jsonl")
-  _atomic_write(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+  atomic_write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
   return path
 
 
