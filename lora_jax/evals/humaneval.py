@@ -14,14 +14,13 @@ returns n completions (text after the prompt) per prompt.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 from lora_jax.data.errors import DataError, describe_type
-from lora_jax.evals import diversity, passk, results, sandbox
+from lora_jax.evals import diversity, passk, results, sandbox, task_data
 from lora_jax.fileio import atomic_write_json
 
 TASK = "humaneval"
@@ -56,35 +55,27 @@ def load_problems(path: str | None = None, *, limit: int | None = None) -> list[
   path = path or default_problems_path()
   if not os.path.isfile(path):
     raise FileNotFoundError(f"HumanEval problems file not found: {path}. Expected {FORMAT}")
-  with open(path, "rb") as f:
-    gz = f.read(2) == b"\x1f\x8b"
+  try:
+    rows = task_data.read_rows(path, allow_empty=True)
+  except DataError as e:
+    raise DataError(e.where, f"{e.message}; expected {FORMAT}") from None
   problems, seen = [], set()
-  with (gzip.open(path, "rt", encoding="utf-8") if gz else
-        open(path, encoding="utf-8")) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(where, f"bad JSON ({e}); expected {FORMAT}") from None
-      if not isinstance(row, dict):
-        raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
-      missing = [k for k in REQUIRED_KEYS if k not in row]
-      if missing:
-        raise DataError(where, f"problem is missing {', '.join(missing)}; expected {FORMAT}")
-      for k in REQUIRED_KEYS:
-        if not isinstance(row[k], str):
-          raise DataError(where, f"{k} must be a string, got {describe_type(row[k])}")
-      if not row["entry_point"].isidentifier():
-        raise DataError(where, f"entry_point {row['entry_point']!r} is not a Python identifier")
-      if row["task_id"] in seen:
-        raise DataError(where, f"duplicate task_id {row['task_id']!r}")
-      seen.add(row["task_id"])
-      problems.append(row)
-      if limit is not None and len(problems) >= limit:
-        break
+  for row in rows:
+    where = row.pop("_where")
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+      raise DataError(where, f"problem is missing {', '.join(missing)}; expected {FORMAT}")
+    for k in REQUIRED_KEYS:
+      if not isinstance(row[k], str):
+        raise DataError(where, f"{k} must be a string, got {describe_type(row[k])}")
+    if not row["entry_point"].isidentifier():
+      raise DataError(where, f"entry_point {row['entry_point']!r} is not a Python identifier")
+    if row["task_id"] in seen:
+      raise DataError(where, f"duplicate task_id {row['task_id']!r}")
+    seen.add(row["task_id"])
+    problems.append(row)
+    if limit is not None and len(problems) >= limit:
+      break
   if not problems:
     raise DataError(path, f"no problems in file; expected {FORMAT}")
   return problems

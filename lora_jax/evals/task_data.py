@@ -93,7 +93,7 @@ def missing_message(data_dir: str | None, task: str, rel: str) -> str:
           f".jsonl.gz or .parquet). Format: {FORMATS[task]}")
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str, *, allow_empty: bool = False) -> list[dict[str, Any]]:
   """Rows of a .jsonl, .jsonl.gz or .parquet file; each has `_where` ("file:line", "file:row N")."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: file not found")
@@ -123,7 +123,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
       row["_where"] = where
       rows.append(row)
-  if not rows:
+  if not rows and not allow_empty:
     raise DataError(path, "file has no rows")
   return rows
 
