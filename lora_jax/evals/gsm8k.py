@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from lora_jax.data.errors import DataError
 from lora_jax.evals.results import entry
+from lora_jax.evals import task_data
 from lora_jax.evals.task_data import FORMATS, field
 
 TASK = "gsm8k"
@@ -134,8 +135,9 @@ def evaluate_gsm8k(generate_fn: Callable[..., list[list[str]]], problems: Sequen
   rng = random.Random(seed)
   prompts = [build_prompt(p, sample_shots(pool, num_fewshot, rng, i if same_pool else None))
              for i, p in enumerate(problems)]
-  outs = generate_fn(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                     stop=list(stop), seed=seed)
+  outs = task_data.check_generations(
+      generate_fn(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                  stop=list(stop), seed=seed), prompts, 1)
   rows, strict, flexible = [], [], []
   for i, (p, prompt, gens) in enumerate(zip(problems, prompts, outs)):
     gen = gens[0]

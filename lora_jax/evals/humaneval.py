@@ -129,20 +129,6 @@ def summarize(rows: Sequence[Mapping], *, ks: Iterable[int] = DEFAULT_KS,
   return entries + diversity.diversity_entries(rows, task=TASK, n=n, settings=settings)
 
 
-def _check_generations(out, prompts: Sequence[str], n: int) -> list[list[str]]:
-  if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
-    got = len(out) if isinstance(out, (list, tuple)) else describe_type(out)
-    raise ValueError(f"generate_fn returned {got} completion lists for {len(prompts)} prompts")
-  for i, cs in enumerate(out):
-    if not isinstance(cs, (list, tuple)) or len(cs) != n:
-      got = len(cs) if isinstance(cs, (list, tuple)) else describe_type(cs)
-      raise ValueError(f"generate_fn returned {got} completions for prompt {i}, expected n={n}")
-    for c in cs:
-      if not isinstance(c, str):
-        raise ValueError(f"generate_fn returned a {describe_type(c)} completion for prompt {i}")
-  return [list(cs) for cs in out]
-
-
 def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mapping]) -> dict:
   """Atomically writes samples_humaneval.jsonl (the per-sample rows, named like every task's in
   evals/results.py) and humaneval_results.json (these entries); returns their paths."""
@@ -223,7 +209,7 @@ def evaluate_humaneval(generate_fn: GenerateFn, *, problems_path: str | None = N
   out = generate_fn(prompts, n=n_samples, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, stop=list(stop), seed=seed)
   completions = [[truncate_at_stop(c, stop) for c in cs]
-                 for cs in _check_generations(out, prompts, n_samples)]
+                 for cs in task_data.check_generations(out, prompts, n_samples)]
   rows = score_completions(problems, completions, workers=workers, timeout_s=timeout_s,
                            strip_prompt=strip_prompt)
   info = sandbox.sandbox_info()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from lora_jax.data.errors import DataError, describe_type
 
@@ -138,3 +138,18 @@ def field(row: dict, key: str, kind: type | tuple = str, fmt: str = "") -> Any:
   if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
     raise DataError(where, f"field {key!r} is {describe_type(value)}; expected {fmt}")
   return value
+
+
+def check_generations(out, prompts: Sequence[str], n: int) -> list[list[str]]:
+  """Validates a generate_fn result: one list of n strings per prompt (else a ValueError)."""
+  if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
+    got = len(out) if isinstance(out, (list, tuple)) else describe_type(out)
+    raise ValueError(f"generate_fn returned {got} completion lists for {len(prompts)} prompts")
+  for i, cs in enumerate(out):
+    if not isinstance(cs, (list, tuple)) or len(cs) != n:
+      got = len(cs) if isinstance(cs, (list, tuple)) else describe_type(cs)
+      raise ValueError(f"generate_fn returned {got} completions for prompt {i}, expected n={n}")
+    for c in cs:
+      if not isinstance(c, str):
+        raise ValueError(f"generate_fn returned a {describe_type(c)} completion for prompt {i}")
+  return [list(cs) for cs in out]
