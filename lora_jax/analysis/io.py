@@ -6,34 +6,15 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from lora_jax.analysis.analyze import Analysis
+from lora_jax.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 
 SPECTRA_FILE = "spectra.npz"
 ANALYSIS_FILE = "analysis.json"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(x: Any):

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lora_jax.analysis.baseline import random_baseline  # noqa: E402
-from lora_jax.analysis.io import atomic_write_text  # noqa: E402
+from lora_jax.fileio import atomic_write_text  # noqa: E402
 from lora_jax.lora import ALL_MODULES  # noqa: E402
 from lora_jax.report import plots  # noqa: E402
 from lora_jax.report.runs import (FORGETTING, FORGETTING_TASKS, Run, load_runs,  # noqa: E402

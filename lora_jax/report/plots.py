@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from lora_jax.analysis.io import atomic_write_bytes  # noqa: E402
+from lora_jax.fileio import atomic_write_bytes  # noqa: E402
 from lora_jax.analysis.spectra import explained_variance, normalized_spectrum  # noqa: E402
 
 # Colors and markers fixed per module type so figures are comparable across runs.
