@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -28,28 +27,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lora_jax.fileio import atomic_write_text  # noqa: F401  (re-exported for train/metrics)
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------- small files
-def atomic_write_text(path: str, text: str) -> None:
-  """Write-then-rename: readers see the old file or the new one, never a partial one."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _json_default(x):
   if isinstance(x, (np.integer,)):
     return int(x)
