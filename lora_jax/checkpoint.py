@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax.fileio import atomic_write_text  # noqa: F401  (re-exported for train/metrics)
+
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"

@@ -109,7 +109,7 @@ class MetricsWriter:
   def truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
-    from lora_jax.checkpoint import atomic_write_text
+    from lora_jax.fileio import atomic_write_text
     with open(self.path) as f:
       lines = [ln for ln in f if ln.strip()]
     keep = []

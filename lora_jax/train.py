@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from lora_jax import checkpoint as ckpt
+from lora_jax import fileio
 from lora_jax import run_config as rc
 from lora_jax import sharding
 from lora_jax.config import LlamaConfig
@@ -494,7 +495,7 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: Callable[[int, dict], dict
   trainer = Trainer(cfg, total_steps=total)
   check_output_dir(out_dir, trainer.checkpoint_bytes)
   if is_main:
-    ckpt.atomic_write_text(os.path.join(out_dir, ckpt.CONFIG_FILE), ckpt.dumps(rc.to_dict(cfg)))
+    fileio.atomic_write_text(os.path.join(out_dir, ckpt.CONFIG_FILE), ckpt.dumps(rc.to_dict(cfg)))
 
   best_mode = cfg.eval.best_mode if eval_fn is not None and t.eval_every else None
   keep_steps = set(rc.keep_steps(cfg))
