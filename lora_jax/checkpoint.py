@@ -27,8 +27,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
