@@ -103,36 +103,48 @@ def _a_init(lora: LoraConfig):
 
 
 class LoraDense(nn.Module):
-  """A bias-free Dense whose kernel may carry a LoRA branch (when its name is targeted)."""
+  """A bias-free Dense whose kernel may carry a LoRA branch (when its name is targeted).
+
+  `params_only=True` returns (kernel, lora_a or None, lora_b or None) without computing: the
+  model uses it to run projections that share an input as one group (see dense_group.py).
+  """
   features: int
   kernel_axes: tuple[str, str]
   lora: LoraConfig | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def adapted(self) -> bool:
+    return self.lora is not None and self.name in self.lora.target_modules
+
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, params_only: bool = False):
     d_in = x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), self.kernel_axes), (d_in, self.features), self.param_dtype)
+    a = b = None
+    if self.adapted:
+      lora = self.lora
+      a = self.param("lora_a", nn.with_logical_partitioning(
+          _a_init(lora), (self.kernel_axes[0], "lora_rank")), (d_in, lora.rank), self.param_dtype)
+      b = self.param("lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("lora_rank", self.kernel_axes[1])),
+          (lora.rank, self.features), self.param_dtype)
+    if params_only:
+      return kernel, a, b
     # Matmuls on 2-D [tokens, in] operands: with a [B, L, in] operand XLA:CPU lays out the
     # weight-gradient dot with a transposed [out, B*L] copy of the incoming gradient, which costs
     # more than the matmul itself (2.7x slower fwd+bwd for a [8, 256, 512] x [512, 1408] layer).
     lead = x.shape[:-1]
     x = x.reshape(-1, d_in).astype(self.dtype)
     y = x @ kernel.astype(self.dtype)
-    if self.lora is None or self.name not in self.lora.target_modules:
+    if a is None:
       return y.reshape(lead + (self.features,))
-    lora = self.lora
-    a = self.param("lora_a", nn.with_logical_partitioning(
-        _a_init(lora), (self.kernel_axes[0], "lora_rank")), (d_in, lora.rank), self.param_dtype)
-    b = self.param("lora_b", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("lora_rank", self.kernel_axes[1])),
-        (lora.rank, self.features), self.param_dtype)
-    if lora.dropout > 0:
-      x = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+    if self.lora.dropout > 0:
+      x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
     y = y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(
-        lora.scale, self.dtype)
+        self.lora.scale, self.dtype)
     return y.reshape(lead + (self.features,))
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LlamaConfig
+from lora_jax.dense_group import dense_group
 from lora_jax.lora import LoraConfig, LoraDense
 
 Array = jax.Array
@@ -129,6 +130,28 @@ def _dense(name: str, features: int, axes: tuple[str, str], cfg: LlamaConfig,
                    name=name)
 
 
+GROUP_PROJECTIONS = True  # on CPU, run adapted projections sharing an input via dense_group
+
+
+def _project(x_BLD: Array, denses: list[LoraDense], deterministic: bool) -> list[Array]:
+  """Projections of the same x. On CPU, a group with LoRA adapters runs as one `dense_group`
+  (merged adapters, hand-written VJP: see dense_group.py); otherwise (no adapter, LoRA dropout
+  active, accelerators) each LoraDense runs on its own under autodiff."""
+  lora = denses[0].lora
+  grouped = GROUP_PROJECTIONS and jax.default_backend() == "cpu" and any(
+      d.adapted for d in denses) and (lora.dropout == 0 or deterministic)
+  if not grouped:
+    return [d(x_BLD, deterministic) for d in denses]
+  dtype = denses[0].dtype
+  params = [d(x_BLD, params_only=True) for d in denses]
+  cast = lambda w: None if w is None else w.astype(dtype)  # noqa: E731
+  B, L, D = x_BLD.shape
+  ys = dense_group(x_BLD.reshape(B * L, D).astype(dtype), [cast(k) for k, _, _ in params],
+                   [cast(a) for _, a, _ in params], [cast(b) for _, _, b in params],
+                   lora.scale if lora is not None else 1.0)
+  return [y.reshape(B, L, -1) for y in ys]
+
+
 @dataclasses.dataclass
 class KVCache:
   """Per-layer key/value buffers for incremental decoding.
@@ -220,9 +243,10 @@ class Attention(nn.Module):
     cfg = self.config
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dh
     B, L, _ = x_BLD.shape
-    q = _dense("q_proj", H * Dh, ("embed", "heads"), cfg, self.lora)(x_BLD, deterministic)
-    k = _dense("k_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)(x_BLD, deterministic)
-    v = _dense("v_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)(x_BLD, deterministic)
+    q, k, v = _project(x_BLD, [_dense("q_proj", H * Dh, ("embed", "heads"), cfg, self.lora),
+                               _dense("k_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora),
+                               _dense("v_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)],
+                       deterministic)
     q_BLHD = rotate(q.reshape(B, L, H, Dh), *rope_BL1D)
     k_BLKD = rotate(k.reshape(B, L, K, Dh), *rope_BL1D)
     v_BLKD = v.reshape(B, L, K, Dh)
@@ -242,8 +266,9 @@ class Attention(nn.Module):
       out_BLHD = jax.nn.dot_product_attention(
           q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, scale=1.0 / math.sqrt(Dh),
           implementation=cfg.attention_impl)
-    out = _dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)(
-        out_BLHD.reshape(B, L, H * Dh), deterministic)
+    out, = _project(out_BLHD.reshape(B, L, H * Dh),
+                    [_dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)],
+                    deterministic)
     return out, new_cache
 
 
@@ -270,8 +295,8 @@ class MLP(nn.Module):
     gate = _dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
     up = _dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
     down = _dense("down_proj", cfg.hidden_size, ("mlp", "embed"), cfg, self.lora)
-    h_BLF = nn.silu(gate(x_BLD, deterministic)) * up(x_BLD, deterministic)
-    return down(h_BLF, deterministic)
+    g_BLF, u_BLF = _project(x_BLD, [gate, up], deterministic)
+    return _project(nn.silu(g_BLF) * u_BLF, [down], deterministic)[0]
 
 
 class DecoderLayer(nn.Module):
