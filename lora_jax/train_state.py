@@ -53,12 +53,18 @@ def state_shardings(trainable_shardings: Any, tx: optax.GradientTransformation,
 
 def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, jax.Array]
                     ) -> tuple[jax.Array, jax.Array]:
-  """(sum of f32 cross-entropies over counted positions, number of counted positions)."""
+  """(sum of f32 cross-entropies over counted positions, number of counted positions).
+
+  Targets are the tokens shifted left by one (rolled; the last position, which has no target,
+  never counts), so the [B, L, V] logits are used whole: slicing off their last position copied
+  them (2% of a bench-34M step on CPU).
+  """
   tokens, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-  logits = logits_BLV[:, :-1].astype(jnp.float32)
-  targets = tokens[:, 1:]
-  counted = (mask[:, 1:] == 1) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  nxt = lambda x: jnp.roll(x, -1, axis=1)  # noqa: E731  nxt(x)[:, t] = x[:, t + 1]
+  has_next = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+  counted = (nxt(mask) == 1) & (nxt(seg) == seg) & (seg != 0) & has_next
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
+                                                        nxt(tokens))
   weights = counted.astype(jnp.float32)
   return jnp.sum(nll * weights), jnp.sum(weights)
 
