@@ -16,11 +16,12 @@ from lora_jax.demo.domains import (SKILLS, ChoiceItem, Example, SourceDomain, Ta
 
 # --------------------------------------------------------------------------- domains
 def test_source_is_deterministic_by_seed():
-  d = SourceDomain()
+  d = SourceDomain(0)
   assert d.train_set(50, seed=3) == d.train_set(50, seed=3)
   assert d.train_set(50, seed=3) != d.train_set(50, seed=4)
   assert d.choice_eval(20, seed=3) == d.choice_eval(20, seed=3)
   assert d.choice_eval(20, seed=3) != d.choice_eval(20, seed=4)
+  assert SourceDomain(0).facts == d.facts and SourceDomain(1).facts != d.facts
 
 
 def test_target_is_deterministic_by_seed_and_table_differs_across_seeds():
@@ -29,20 +30,34 @@ def test_target_is_deterministic_by_seed_and_table_differs_across_seeds():
   assert not np.array_equal(TargetDomain(1).table, TargetDomain(2).table)
 
 
-def test_source_answers_follow_the_skills():
-  for ex in SourceDomain().train_set(200, seed=0):
-    skill, s = ex.prompt[:-1].split(" ")
-    assert ex.response == SKILLS[skill](s)
+def test_source_answers_follow_the_skills_and_facts():
+  d = SourceDomain(0)
+  kinds = set()
+  for ex in d.train_set(300, seed=0):
+    if "." in ex.prompt:
+      entity, attr = ex.prompt[:-1].split(".")
+      assert ex.response == d.facts[entity][attr]
+      kinds.add("fact")
+    else:
+      skill, s = ex.prompt[:-1].split(" ")
+      assert skill in d.skills and ex.response == SKILLS[skill](s)
+      kinds.add(skill)
+  assert kinds == {"fact", "srt", "nxt"}
   assert shift("az09") == "ba10"
   assert shift(shift("hello"), -1) == "hello"
 
 
-def test_target_answers_follow_the_table():
+def test_target_answers_follow_the_tables():
   d = TargetDomain(5, n_digits=3)
+  assert d.tables.shape == (3, 10, 10)
   for ex in d.train_set(100, seed=0):
     a, b = ex.prompt[:-1].split("*")
     assert len(ex.response) == 3
-    assert ex.response == "".join(str(d.table[int(x), int(y)]) for x, y in zip(a, b))
+    assert ex.response == "".join(str(d.tables[i, int(x), int(y)])
+                                  for i, (x, y) in enumerate(zip(a, b)))
+  shared = TargetDomain(5, n_digits=3, per_position=False)
+  assert shared.answer("123", "456") == "".join(
+      str(shared.table[int(x), int(y)]) for x, y in zip("123", "456"))
 
 
 def test_held_out_sets_exclude_training_prompts():
@@ -51,21 +66,30 @@ def test_held_out_sets_exclude_training_prompts():
   held = d.generation_eval(200, seed=0, exclude=[e.prompt for e in train])
   assert not {e.prompt for e in held} & {e.prompt for e in train}
   assert len({e.prompt for e in held}) == 200
-  src = SourceDomain()
+  src = SourceDomain(0)
   strain = src.train_set(2000, seed=0)
   items = src.choice_eval(100, seed=0, exclude=[e.prompt for e in strain])
-  assert not {i.context for i in items} & {e.prompt for e in strain}
+  skill_items = [i for i in items if "." not in i.context]  # facts are asked as trained
+  assert skill_items and not {i.context for i in skill_items} & {e.prompt for e in strain}
 
 
 def test_choice_items_have_one_correct_answer_among_four_distinct_choices():
-  items = SourceDomain().choice_eval(200, seed=1)
+  d = SourceDomain(0)
+  items = d.choice_eval(200, seed=1)
   golds = [it.gold for it in items]
   assert set(golds) == {0, 1, 2, 3}  # the gold position is not a giveaway
+  n_facts = 0
   for it in items:
     assert len(it.choices) == 4 and len(set(it.choices)) == 4
-    skill, s = it.context[:-1].split(" ")
-    assert it.choices[it.gold] == SKILLS[skill](s)
+    if "." in it.context:
+      entity, attr = it.context[:-1].split(".")
+      assert it.choices[it.gold] == d.facts[entity][attr]
+      n_facts += 1
+    else:
+      skill, s = it.context[:-1].split(" ")
+      assert it.choices[it.gold] == SKILLS[skill](s)
     assert len({len(c) for c in it.choices}) == 1  # acc and acc_norm coincide
+  assert 40 < n_facts < 100
 
 
 def test_metrics_score_an_oracle_one_and_a_wrong_model_zero():
@@ -73,7 +97,7 @@ def test_metrics_score_an_oracle_one_and_a_wrong_model_zero():
   assert exact_match_accuracy(tgt, [e.response for e in tgt]) == 1.0
   assert exact_match_accuracy(tgt, [" " + e.response + "\n" for e in tgt]) == 1.0
   assert exact_match_accuracy(tgt, [e.response[::-1] + "0" for e in tgt]) == 0.0
-  items = SourceDomain().choice_eval(50, seed=0)
+  items = SourceDomain(0).choice_eval(50, seed=0)
   oracle = [[1.0 if i == it.gold else 0.0 for i in range(4)] for it in items]
   wrong = [[0.0 if i == it.gold else 1.0 for i in range(4)] for it in items]
   assert choice_accuracy(items, oracle) == 1.0
@@ -85,7 +109,7 @@ def test_metrics_score_an_oracle_one_and_a_wrong_model_zero():
 # --------------------------------------------------------------------------- batches
 def test_example_batches_mask_only_responses_and_resume_exactly():
   tok = ByteTokenizer()
-  exs = SourceDomain().train_set(300, seed=0)
+  exs = SourceDomain(0).train_set(300, seed=0)
   ids, mask = encode_example(Example("rev ab=", "ba"), tok)
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
   assert mask == [0] * 8 + [1] * 3

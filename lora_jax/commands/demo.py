@@ -19,10 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "inconclusive by design")
   p.add_argument("--optimizer", choices=("adamw", "lionw"), default=None,
                  help="optimizer of every phase (default adamw)")
-  p.add_argument("--lr-full", type=float, default=None, help="full-FT peak learning rate")
-  p.add_argument("--lr-lora", type=float, default=None, help="LoRA peak learning rate")
+  p.add_argument("--lr-full", default=None,
+                 help="full-FT peak LR, or a comma list to select from by target validation "
+                      "loss (default 3e-4,1e-3)")
+  p.add_argument("--lr-lora", default=None,
+                 help="LoRA peak LR, or a comma list (default 1e-3,3e-3)")
   p.add_argument("--steps", type=int, default=None, help="finetuning steps per run")
   p.add_argument("--ranks", default=None, help="LoRA ranks on all modules, e.g. 1,4,16,64")
+
+
+def _tuple(text, kind):
+  return tuple(kind(x) for x in text.split(",") if x) if text else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   for name in ("lora_jax.train", "absl", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+  ranks = _tuple(args.ranks, int)
   settings = settings_for(args.quick, seed=args.seed, optimizer=args.optimizer,
-                          lr_full=args.lr_full, lr_lora=args.lr_lora,
-                          finetune_steps=args.steps, ranks=ranks)
+                          lrs_full=_tuple(args.lr_full, float),
+                          lrs_lora=_tuple(args.lr_lora, float), finetune_steps=args.steps,
+                          ranks=ranks)
   print(f"lora-jax demo{' --quick' if settings.quick else ''}: seed {settings.seed}, "
         f"output in {os.path.abspath(args.out)}/", flush=True)
   results = run_demo(settings, args.out, echo=lambda m: print(m, flush=True))

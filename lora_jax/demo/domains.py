@@ -1,17 +1,18 @@
 """The demo's two synthetic domains, generated in-process from a seed (no files, no network).
 
-source  Algorithmic string skills, each under its own task word: `rev` (reverse), `srt` (sort),
-        `nxt` (shift every symbol by one: a->b, 9->0), over strings of 5-8 lowercase letters or,
-        for `rev` / `srt`, digits. The base model is pretrained on it: the demo's "general
-        knowledge". Held-out metric (forgetting, scored as the paper does with HellaSwag / ARC /
-        WinoGrande): 4-way multiple choice by log-likelihood; the distractors are the other
-        skills applied to the same string (and the unchanged string), so a model that loses a
-        skill or mixes skills up picks a wrong answer.
+source  The base model's "general knowledge": facts about made-up entities (`kav.col=` ->
+        `red`, `kav.num=` -> `42`, a random knowledge base drawn from the seed) and string
+        skills under a task word (`srt` sort, `nxt` shift every symbol by one: a->b, 9->0) on
+        5-8 letters or digits. Metric (forgetting, scored as the paper scores HellaSwag / ARC /
+        WinoGrande): 4-way multiple choice by log-likelihood. Fact questions offer three other
+        values of the attribute; skill questions, on unseen strings, offer other
+        transformations of the same string (reverse, shift, the string itself), so a model
+        that loses a fact or mixes skills up picks a wrong answer.
 target  Digit-wise arithmetic through a secret lookup table: `a*b=` with a, b strings of
         `n_digits` digits and answer digit i = TABLE[a_i][b_i], a random 10x10 table drawn
-        from the seed. Its own token statistics (digits and `*`, little of either in the
-        source), new knowledge (100 table entries), compatible with old skills (reading digit
-        strings position by position). Held-out metric (learning, scored as the paper does with
+        from the seed. Its own token statistics (mostly digits, and `*`, which the source never
+        uses), new knowledge (100 table entries), compatible with old skills (reading digit
+        strings position by position, writing digits). Held-out metric (learning, scored as the paper does with
         GSM8K / HumanEval): exact match of the greedy completion on unseen operand pairs.
 
 `Example(prompt, response)` is one IFT sample (loss on the response); `ChoiceItem(context,
@@ -58,9 +59,10 @@ def shift(s: str, k: int = 1) -> str:
 
 
 SKILLS: dict[str, Callable[[str], str]] = {
-    "rev": lambda s: s[::-1],
     "srt": lambda s: "".join(sorted(s)),
     "nxt": shift,
+    "rev": lambda s: s[::-1],
+    "prv": lambda s: shift(s, -1),
 }
 
 
@@ -80,60 +82,91 @@ def _unique(draw: Callable[[], Example], n: int, exclude: Iterable[str] = ()) ->
   return out
 
 
+COLORS = ("red", "tan", "sky", "ash", "ink", "jet", "fig", "oak")
+ATTRIBUTES = ("col", "num")
+
+
 class SourceDomain:
-  """Reverse / sort / shift skills on letter and digit strings (the pretraining domain)."""
+  """Skills (sort / shift on letter or digit strings) and facts (a random knowledge base)."""
   name = "source"
 
-  def __init__(self, skills: Sequence[str] = ("rev", "srt", "nxt"), digit_fraction: float = 0.3,
-               min_len: int = 5, max_len: int = 8):
+  def __init__(self, seed: int, skills: Sequence[str] = ("srt", "nxt"), n_entities: int = 120,
+               fact_fraction: float = 1 / 3, digit_fraction: float = 0.3, min_len: int = 5,
+               max_len: int = 8):
     unknown = [s for s in skills if s not in SKILLS]
     if unknown:
       raise ValueError(f"unknown source skills {unknown}; choose from {sorted(SKILLS)}")
     self.skills = tuple(skills)
+    self.fact_fraction = float(fact_fraction)
     self.digit_fraction = float(digit_fraction)
     self.min_len, self.max_len = int(min_len), int(max_len)
+    rng = _rng(seed, "source/facts")
+    names: set[str] = set()
+    while len(names) < n_entities:
+      names.add("".join(LETTERS[i] for i in rng.integers(0, 26, 3)))
+    self.entities = tuple(sorted(names))
+    self.facts = {e: {"col": COLORS[int(rng.integers(len(COLORS)))],
+                      "num": "".join(DIGITS[i] for i in rng.integers(0, 10, 2))}
+                  for e in self.entities}
 
   def describe(self) -> str:
-    return (f"skills {', '.join(self.skills)} on strings of {self.min_len}-{self.max_len} "
-            f"letters (or digits for rev/srt, {self.digit_fraction:.0%})")
+    return (f"facts about {len(self.entities)} made-up entities (`kav.col=` -> `red`, "
+            f"`kav.num=` -> `42`; {self.fact_fraction:.0%} of samples) and skills "
+            f"{', '.join(self.skills)} (sort / shift by one) on strings of {self.min_len}-"
+            f"{self.max_len} letters or digits")
 
-  def _draw(self, rng: np.random.Generator) -> tuple[str, str]:
+  def _fact(self, rng: np.random.Generator) -> tuple[str, str]:
+    entity = self.entities[int(rng.integers(len(self.entities)))]
+    return entity, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+
+  def _skill(self, rng: np.random.Generator) -> tuple[str, str]:
     skill = self.skills[int(rng.integers(len(self.skills)))]
     n = int(rng.integers(self.min_len, self.max_len + 1))
-    digits = skill != "nxt" and rng.random() < self.digit_fraction
-    alphabet = DIGITS if digits else LETTERS
+    alphabet = DIGITS if rng.random() < self.digit_fraction else LETTERS
     return skill, "".join(alphabet[i] for i in rng.integers(0, len(alphabet), n))
 
   def sample(self, rng: np.random.Generator) -> Example:
-    skill, s = self._draw(rng)
+    if rng.random() < self.fact_fraction:
+      entity, attr = self._fact(rng)
+      return Example(f"{entity}.{attr}=", self.facts[entity][attr])
+    skill, s = self._skill(rng)
     return Example(f"{skill} {s}=", SKILLS[skill](s))
 
   def train_set(self, n: int, seed: int) -> list[Example]:
     rng = _rng(seed, "source/train")
     return [self.sample(rng) for _ in range(n)]
 
-  def generation_eval(self, n: int, seed: int, exclude: Iterable[str] = ()) -> list[Example]:
-    rng = _rng(seed, "source/eval-gen")
-    return _unique(lambda: self.sample(rng), n, exclude)
-
   def choice_eval(self, n: int, seed: int, exclude: Iterable[str] = ()) -> list[ChoiceItem]:
-    """4-way questions: the right skill's output vs other skills' outputs / the input itself."""
+    """4-way questions. Facts: the entity's value vs three other values of the attribute (the
+    fact is the knowledge being tested, so fact questions repeat training prompts). Skills, on
+    unseen strings: the right output vs other transformations of the same string."""
     rng = _rng(seed, "source/eval-choice")
     seen = set(exclude)
     items: list[ChoiceItem] = []
     while len(items) < n:
-      skill, s = self._draw(rng)
-      prompt = f"{skill} {s}="
-      answer = SKILLS[skill](s)
-      if prompt in seen:
-        continue
-      wrong = []
-      for cand in [SKILLS[k](s) for k in self.skills if k != skill] + [s, shift(answer, -1)]:
-        if cand != answer and cand not in wrong:
-          wrong.append(cand)
-      if len(wrong) < 3:  # e.g. a string that is already sorted: draw another
-        continue
-      seen.add(prompt)
+      if rng.random() < self.fact_fraction:
+        entity, attr = self._fact(rng)
+        prompt, answer = f"{entity}.{attr}=", self.facts[entity][attr]
+        wrong: list[str] = []
+        while len(wrong) < 3:
+          if attr == "col":
+            cand = COLORS[int(rng.integers(len(COLORS)))]
+          else:
+            cand = "".join(DIGITS[i] for i in rng.integers(0, 10, 2))
+          if cand != answer and cand not in wrong:
+            wrong.append(cand)
+      else:
+        skill, s = self._skill(rng)
+        prompt, answer = f"{skill} {s}=", SKILLS[skill](s)
+        if prompt in seen:
+          continue
+        wrong = []
+        for cand in [SKILLS[k](s) for k in SKILLS if k != skill] + [s, shift(answer, -1)]:
+          if cand != answer and cand not in wrong:
+            wrong.append(cand)
+        if len(wrong) < 3:  # e.g. a string that is already sorted: draw another
+          continue
+        seen.add(prompt)
       gold = int(rng.integers(4))
       choices = wrong[:3]
       choices.insert(gold, answer)
@@ -142,19 +175,35 @@ class SourceDomain:
 
 
 class TargetDomain:
-  """`a*b=` -> digit-wise lookup in a secret 10x10 table (the finetuning domain)."""
+  """`a*b=` -> digit-wise lookup in secret 10x10 tables (the finetuning domain).
+
+  With `per_position` each digit position has its own table (n_digits x 100 entries to learn),
+  otherwise one table serves every position (100 entries).
+  """
   name = "target"
 
-  def __init__(self, seed: int, n_digits: int = 3):
+  def __init__(self, seed: int, n_digits: int = 3, per_position: bool = True):
     self.n_digits = int(n_digits)
-    self.table = _rng(seed, "target/table").integers(0, 10, (10, 10))
+    self.per_position = bool(per_position)
+    n_tables = self.n_digits if self.per_position else 1
+    self.tables = _rng(seed, "target/table").integers(0, 10, (n_tables, 10, 10))
+
+  @property
+  def table(self) -> np.ndarray:
+    """The first position's table."""
+    return self.tables[0]
 
   def describe(self) -> str:
-    return (f"a*b= with {self.n_digits}-digit a, b; answer digit i = TABLE[a_i][b_i] "
-            "(a secret random 10x10 table)")
+    if self.per_position:
+      rule = f"TABLE_i[a_i][b_i] (a secret random 10x10 table per position: {self.tables.size} " \
+             "entries of new knowledge)"
+    else:
+      rule = "TABLE[a_i][b_i] (one secret random 10x10 table)"
+    return f"`a*b=` with {self.n_digits}-digit a, b; answer digit i = {rule}"
 
   def answer(self, a: str, b: str) -> str:
-    return "".join(str(int(self.table[int(x), int(y)])) for x, y in zip(a, b))
+    t = self.tables
+    return "".join(str(int(t[i % len(t), int(x), int(y)])) for i, (x, y) in enumerate(zip(a, b)))
 
   def sample(self, rng: np.random.Generator) -> Example:
     a, b = ("".join(DIGITS[i] for i in rng.integers(0, 10, self.n_digits)) for _ in range(2))

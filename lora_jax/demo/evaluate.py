@@ -46,15 +46,27 @@ class DemoEvaluator:
       return merge_lora(params, lora_config)
     return params
 
-  def source_accuracy(self, params: Any) -> dict:
+  def _get_scorer(self, params: Any) -> Scorer:
     if self._scorer is None:
       self._scorer = Scorer(self.config, params, None, self.tokenizer,
                             batch_size=self.batch_size)
     self._scorer.params = params  # one Scorer (one jit) for every evaluation
-    entries, _ = evaluate_multiple_choice("source", self._scorer, self.source_docs,
+    return self._scorer
+
+  def source_accuracy(self, params: Any) -> dict:
+    entries, _ = evaluate_multiple_choice("source", self._get_scorer(params), self.source_docs,
                                           num_fewshot=0, headline="acc", source="demo")
     acc = next(e for e in entries if e["metric"] == "acc")
     return {"acc": acc["value"], "stderr": acc["stderr"], "n": acc["n"]}
+
+  def target_loss(self, params: Any) -> float:
+    """Mean NLL per response token (+ EOS) of the held-out target set: the LR-selection metric."""
+    scorer = self._get_scorer(params)
+    eos = int(self.tokenizer.eos_id)
+    encoded = [(c, list(x) + [eos]) for c, x in
+               (scorer.encode(ex.prompt, ex.response) for ex in self.target_examples)]
+    scores = scorer.score_ids(encoded)
+    return -sum(x.logprob for x in scores) / max(sum(x.n_tokens for x in scores), 1)
 
   def target_accuracy(self, params: Any) -> dict:
     generate = make_generate_fn(self.config, params, None, self.tokenizer,
@@ -67,4 +79,6 @@ class DemoEvaluator:
 
   def __call__(self, params: Any, lora_config: LoraConfig | None = None) -> dict:
     merged = self._merged(params, lora_config)
-    return {"target": self.target_accuracy(merged), "source": self.source_accuracy(merged)}
+    target = self.target_accuracy(merged)
+    target["loss"] = self.target_loss(merged)
+    return {"target": target, "source": self.source_accuracy(merged)}

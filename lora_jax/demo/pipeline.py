@@ -48,7 +48,8 @@ class RunSpec:
 
   @property
   def name(self) -> str:
-    return f"lora_r{self.rank}_{self.targets}" if self.is_lora else "full"
+    kind = f"lora_r{self.rank}_{self.targets}" if self.is_lora else "full"
+    return f"{kind}_lr{self.lr:g}"
 
   @property
   def label(self) -> str:
@@ -76,22 +77,30 @@ class DemoSettings:
   # phase 2
   target_train: int = 8000
   target_digits: int = 3
+  target_per_position: bool = True
   finetune_steps: int = 250
   eval_every: int = 50
-  lr_full: float = 3e-4
-  lr_lora: float = 3e-3
+  # Peak LRs tried per method; the one with the lowest final target validation loss is kept
+  # (the paper's protocol). LoRA's grid runs at `grid_rank` on all modules; the other LoRA runs
+  # use the LR it selects.
+  lrs_full: tuple[float, ...] = (3e-4, 1e-3)
+  lrs_lora: tuple[float, ...] = (1e-3, 3e-3)
+  grid_rank: int = 16
   ranks: tuple[int, ...] = (1, 4, 16, 64)
-  target_sets: tuple[str, ...] = ("attention", "mlp")  # extra LoRA runs at `target_set_rank`
-  target_set_rank: int = 16
+  target_sets: tuple[str, ...] = ("attention", "mlp")  # extra LoRA runs at `grid_rank`
   # phase 3
   eval_source: int = 300
   eval_target: int = 300
 
-  def runs(self) -> list[RunSpec]:
-    out = [RunSpec(0, "all", self.lr_full)]
-    out += [RunSpec(r, "all", self.lr_lora) for r in self.ranks]
-    out += [RunSpec(self.target_set_rank, t, self.lr_lora) for t in self.target_sets]
-    return out
+  def grid(self) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(full-FT LR grid, LoRA LR grid)."""
+    return ([RunSpec(0, "all", lr) for lr in self.lrs_full],
+            [RunSpec(self.grid_rank, "all", lr) for lr in self.lrs_lora])
+
+  def lora_runs(self, lr: float) -> list[RunSpec]:
+    """The LoRA runs beyond the grid, at the selected LR."""
+    out = [RunSpec(r, "all", lr) for r in self.ranks if r != self.grid_rank]
+    return out + [RunSpec(self.grid_rank, t, lr) for t in self.target_sets]
 
   def base_key(self) -> str:
     """Hash of everything the base model depends on (for reusing `<out>/base/`)."""
@@ -103,8 +112,8 @@ class DemoSettings:
 
 QUICK = dict(quick=True, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176,
              batch_rows=16, source_train=3000, pretrain_steps=150, target_train=2000,
-             finetune_steps=40, eval_every=20, ranks=(1, 8), target_sets=(), eval_source=64,
-             eval_target=64)
+             finetune_steps=40, eval_every=20, lrs_full=(1e-3,), lrs_lora=(3e-3,), grid_rank=8,
+             ranks=(1, 8), target_sets=(), eval_source=64, eval_target=64)
 
 
 def settings_for(quick: bool = False, **overrides) -> DemoSettings:
@@ -187,8 +196,9 @@ class Demo:
     self.out = os.path.abspath(out_dir)
     self.echo = echo
     self.tokenizer = ByteTokenizer()
-    self.source = SourceDomain()
-    self.target = TargetDomain(s.seed, n_digits=s.target_digits)
+    self.source = SourceDomain(s.seed)
+    self.target = TargetDomain(s.seed, n_digits=s.target_digits,
+                               per_position=s.target_per_position)
     self.source_train = self.source.train_set(s.source_train, s.seed)
     self.target_train = self.target.train_set(s.target_train, s.seed)
     self.source_eval = self.source.choice_eval(
@@ -242,7 +252,8 @@ class Demo:
     return params
 
   # -- phases 2 + 3
-  def finetune(self, spec: RunSpec, base_params: Any, index: int, total: int) -> dict:
+  def finetune(self, spec: RunSpec, base_params: Any, index: int, total: int,
+               grid: bool = False) -> dict:
     from lora_jax.train import train
     s, clock = self.s, Clock()
     run_dir = os.path.join(self.out, "runs", spec.name)
@@ -252,24 +263,31 @@ class Demo:
     cfg = run_config(s, run_dir, steps=s.finetune_steps, lr=spec.lr, spec=spec,
                      eval_every=s.eval_every)
     lora = rc.lora_config(cfg)
-    curve = [{"step": 0, "target_acc": self.base_eval["target"]["acc"],
-              "source_acc": self.base_eval["source"]["acc"]}]
+    curve = [_point(0, self.base_eval)]
+
+    eval_clock = {"cpu_s": 0.0, "wall_s": 0.0}
 
     def eval_fn(step, params):
+      c = Clock()
       ev = self.evaluator(params, lora)
-      curve.append({"step": int(step), "target_acc": ev["target"]["acc"],
-                    "source_acc": ev["source"]["acc"]})
-      return {"target": {"acc": ev["target"]["acc"]}, "source": {"acc": ev["source"]["acc"]}}
+      for k, v in c.read().items():
+        eval_clock[k] += v
+      curve.append(_point(step, ev))
+      return {"target": {"acc": ev["target"]["acc"], "loss": ev["target"]["loss"]},
+              "source": {"acc": ev["source"]["acc"]}}
 
-    self.echo(f"[2/5] finetune {index}/{total}: {spec.label}, lr {spec.lr:g}")
+    self.echo(f"[2/5] finetune {index}/{total}: {spec.label}, lr {spec.lr:g}"
+              f"{' (LR grid)' if grid else ''}")
     result = train(cfg, eval_fn=eval_fn, base_params=base_params,
                    data_iter=self.batches(self.target_train, 2))
     params = _host(result.params)
     losses = [(m["step"], m["loss"]) for m in result.metrics if "loss" in m]
     t = clock.read()
+    t["eval_wall_s"], t["eval_cpu_s"] = (round(eval_clock["wall_s"], 2),
+                                         round(eval_clock["cpu_s"], 2))
     end = curve[-1]
-    self.echo(f"      {spec.label}: target acc {end['target_acc']:.3f}, source acc "
-              f"{end['source_acc']:.3f}  ({_fmt_time(t)})")
+    self.echo(f"      {spec.label}: target acc {end['target_acc']:.3f} (loss "
+              f"{end['target_loss']:.3f}), source acc {end['source_acc']:.3f}  ({_fmt_time(t)})")
     return {"spec": spec, "lora": lora, "params": params, "curve": curve, "loss": losses,
             "time": t}
 
@@ -277,7 +295,7 @@ class Demo:
   def analyze(self, base_params: Any, run: dict) -> dict:
     from lora_jax.analysis.analyze import analyze
     a = analyze(base_params, run["params"], finetuned_lora=run["lora"], progress=False)
-    ranks = [r["rank_delta"] for r in a.rows]
+    ranks = [r["rank_delta"] for r in a.rows if r["fro_delta"] > 0]  # adapted matrices only
     mid = a.meta["layers"][len(a.meta["layers"]) // 2]
     spectra = {}
     for m in a.modules:
@@ -291,8 +309,19 @@ class Demo:
             "rel_delta_norm": float(np.mean([r["rel_delta_norm"] for r in a.rows]))}
 
 
+def _point(step: int, ev: dict) -> dict:
+  return {"step": int(step), "target_acc": ev["target"]["acc"],
+          "target_loss": round(float(ev["target"]["loss"]), 5),
+          "source_acc": ev["source"]["acc"]}
+
+
 def _fmt_time(t: dict) -> str:
   return f"{t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU"
+
+
+def select_lr(runs: list[dict]) -> dict:
+  """The run with the lowest final target validation loss (the paper tuned LRs on the target)."""
+  return min(runs, key=lambda r: r["curve"][-1]["target_loss"])
 
 
 # --------------------------------------------------------------------------- all phases
@@ -305,11 +334,29 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
   demo = Demo(settings, out_dir, echo)
   base = demo.pretrain()
 
-  specs = settings.runs()
-  runs, spectra = [], {}
   ft_clock = Clock()
-  for i, spec in enumerate(specs, 1):
-    runs.append(demo.finetune(spec, base, i, len(specs)))
+  grid_full, grid_lora = settings.grid()
+  total_runs = len(grid_full) + len(grid_lora) + len(settings.lora_runs(0.0))
+  runs, spectra = [], {}
+
+  def go(spec, grid=False):
+    run = demo.finetune(spec, base, len(runs) + 1, total_runs, grid=grid and len(
+        grid_full if spec.rank == 0 else grid_lora) > 1)
+    runs.append(run)
+    return run
+
+  full_runs = [go(spec, grid=True) for spec in grid_full]
+  lora_grid = [go(spec, grid=True) for spec in grid_lora]
+  best_full = select_lr(full_runs)
+  best_lora = select_lr(lora_grid)
+  if len(grid_full) > 1 or len(grid_lora) > 1:
+    echo(f"      selected by final target validation loss: full FT lr {best_full['spec'].lr:g}, "
+         f"LoRA lr {best_lora['spec'].lr:g}")
+  for spec in settings.lora_runs(best_lora["spec"].lr):
+    go(spec)
+  for run in runs:
+    run["selected"] = not (run in full_runs and run is not best_full) and not (
+        run in lora_grid and run is not best_lora)
   demo.timings["finetune"] = ft_clock.read()
 
   echo(f"[4/5] analyze: SVD of every dW ({len(runs)} runs)")
@@ -321,12 +368,13 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
     spec = run["spec"]
     rows.append({
         "name": spec.name, "label": spec.label, "rank": spec.rank, "targets": spec.targets,
-        "lr": spec.lr, "curve": run["curve"], "loss": run["loss"], "time": run["time"],
+        "lr": spec.lr, "selected": run["selected"], "curve": run["curve"], "loss": run["loss"],
+        "time": run["time"],
         "delta_rank": {"median": a["rank_median"], "max": a["rank_max"], "min": a["rank_min"]},
         "rank_by_layer": a["rank_by_layer"], "rel_delta_norm": a["rel_delta_norm"]})
     if not spectra and module in a["spectra"]:
       spectra["W_base"] = a["spectra"][module]["base"]
-    if module in a["spectra"]:
+    if module in a["spectra"] and run["selected"]:
       spectra[f"ΔW {spec.label}"] = a["spectra"][module]["delta"]
     spectra_layer = a["spectra_layer"]
     echo(f"      {spec.label}: dW rank@90% median {a['rank_median']:g}, max {a['rank_max']}")
