@@ -213,7 +213,7 @@ def test_demo_quick_end_to_end(tmp_path):
   assert set(results["verdict"]) == {"a", "b", "c"}
   assert all(f["status"] == V.INCONCLUSIVE for f in results["verdict"].values())
   names = {r["name"] for r in results["runs"]}
-  assert "full" in names and any(n.startswith("lora_r") for n in names)
+  assert any(n.startswith("full_") for n in names) and any(n.startswith("lora_r") for n in names)
   for r in results["runs"]:
     assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == results["settings"][
         "finetune_steps"]
