@@ -83,7 +83,10 @@ def _bwd(scale, merge, res, gs):
   for i in range(n):
     dx_i = None
     if i in bs and x_pert:  # dx and g B^T from one matmul
-      dxgu = _nt(gs[i], jnp.concatenate([ws[i], bs[i]], axis=0))  # [T, in + r]
+      # The barrier keeps XLA from splitting the product back into two by its output slices
+      # (the g B^T part then became a separate, slow [r, T] product).
+      dxgu = jax.lax.optimization_barrier(
+          _nt(gs[i], jnp.concatenate([ws[i], bs[i]], axis=0)))  # [T, in + r]
       dx_i, gus[i] = dxgu[:, :d_in], dxgu[:, d_in:]
       if not merge:
         dx_i = dx_i + _nt(gus[i], lora_as[i])
@@ -97,7 +100,9 @@ def _bwd(scale, merge, res, gs):
   d_as, d_bs = [None] * n, [None] * n
   if adapted:
     gu = jnp.concatenate([gus[i] for i in adapted], axis=1)  # [T, sum r]
-    da_t = gu.T @ x  # [sum r, in]
+    # [sum r, in]; the barrier keeps XLA from folding the transpose below into the slow
+    # [in, T] x [T, r] product.
+    da_t = jax.lax.optimization_barrier(gu.T @ x)
     for i in adapted:
       lo, hi = rank_range[i]
       if a_pert[i]:
