@@ -359,17 +359,22 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
         run in lora_grid and run is not best_lora)
   demo.timings["finetune"] = ft_clock.read()
 
-  echo(f"[4/5] analyze: SVD of every dW ({len(runs)} runs)")
+  kept = [r for r in runs if r["selected"]]
+  echo(f"[4/5] analyze: SVD of every dW of the {len(kept)} kept runs")
   an_clock = Clock()
   module = "up_proj"
   rows = []
+  spectra_layer = None
   for run in runs:
-    a = demo.analyze(base, run)
     spec = run["spec"]
-    rows.append({
-        "name": spec.name, "label": spec.label, "rank": spec.rank, "targets": spec.targets,
-        "lr": spec.lr, "selected": run["selected"], "curve": run["curve"], "loss": run["loss"],
-        "time": run["time"],
+    row = {"name": spec.name, "label": spec.label, "rank": spec.rank, "targets": spec.targets,
+           "lr": spec.lr, "selected": run["selected"], "curve": run["curve"],
+           "loss": run["loss"], "time": run["time"], "delta_rank": None}
+    rows.append(row)
+    if not run["selected"]:
+      continue  # an LR that lost the selection: its curve is reported, its dW is not analyzed
+    a = demo.analyze(base, run)
+    row.update({
         "delta_rank": {"median": a["rank_median"], "max": a["rank_max"], "min": a["rank_min"]},
         "rank_by_layer": a["rank_by_layer"], "rel_delta_norm": a["rel_delta_norm"]})
     if not spectra and module in a["spectra"]:
