@@ -137,13 +137,22 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, *,
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1,
-                              trainable=jax.tree.map(keep, trainable, state.trainable),
-                              opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+
+    # A cond rather than where(ok, new, old) per leaf: reading the old state after the update
+    # made XLA copy every donated optimizer-state buffer (~3% of a full-finetuning CPU step).
+    def apply(operands):
+      grads, opt_state, params = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    def skip(operands):
+      _, opt_state, params = operands
+      return params, opt_state
+
+    trainable, opt_state = jax.lax.cond(ok, apply, skip,
+                                        (grads, state.opt_state, state.trainable))
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr_fn(state.step)),
                "loss_tokens": count, "ok": ok}
     return new_state, metrics
