@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="a reduced run of every phase (<= 60 s, for CI); its verdict is "
                       "inconclusive by design")
   p.add_argument("--optimizer", choices=("adamw", "lionw"), default=None,
-                 help="optimizer of every phase (default adamw)")
+                 help="finetuning optimizer (default adamw; LionW wants ~3-10x smaller LRs, "
+                      "so pass --lr-full / --lr-lora with it)")
   p.add_argument("--lr-full", default=None,
                  help="full-FT peak LR, or a comma list to select from by target validation "
                       "loss (default 3e-4,1e-3)")

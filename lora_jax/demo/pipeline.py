@@ -69,7 +69,7 @@ class DemoSettings:
   intermediate_size: int = 344
   seq_len: int = 64
   batch_rows: int = 24  # rows of seq_len per step (~3 packed samples each)
-  optimizer: str = "adamw"
+  optimizer: str = "adamw"  # finetuning (the base is always pretrained with AdamW)
   # phase 1
   source_train: int = 20000
   pretrain_steps: int = 800
@@ -105,7 +105,7 @@ class DemoSettings:
   def base_key(self) -> str:
     """Hash of everything the base model depends on (for reusing `<out>/base/`)."""
     keys = ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len",
-            "batch_rows", "optimizer", "source_train", "pretrain_steps", "pretrain_lr")
+            "batch_rows", "source_train", "pretrain_steps", "pretrain_lr")
     blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -140,7 +140,7 @@ def _cpu() -> float:
 
 
 def run_config(s: DemoSettings, out_dir: str, *, steps: int, lr: float, spec: RunSpec | None,
-               eval_every: int = 0):
+               eval_every: int = 0, optimizer: str | None = None):
   """A `run_config` for one phase: the tiny preset resized, IFT, the paper's cosine recipe."""
   c = rc.default_config()
   c.seed = s.seed
@@ -156,7 +156,7 @@ def run_config(s: DemoSettings, out_dir: str, *, steps: int, lr: float, spec: Ru
     c.lora.alpha = 0.0  # 2 * rank, as the paper
     c.lora.dropout = 0.0
     c.lora.targets = spec.targets
-  c.optimizer.name = s.optimizer
+  c.optimizer.name = optimizer or s.optimizer
   c.optimizer.lr = lr
   c.schedule.name = "cosine_with_warmup"
   c.schedule.warmup_fraction = 0.1
@@ -220,7 +220,8 @@ class Demo:
     base_dir = os.path.join(self.out, "base")
     cache = os.path.join(base_dir, "base_params.pkl")
     key = s.base_key()
-    cfg = run_config(s, base_dir, steps=s.pretrain_steps, lr=s.pretrain_lr, spec=None)
+    cfg = run_config(s, base_dir, steps=s.pretrain_steps, lr=s.pretrain_lr, spec=None,
+                     optimizer="adamw")
     self.model_config = _model_config_from(cfg)
     self.evaluator = DemoEvaluator(self.model_config, self.tokenizer, self.source_eval,
                                    self.target_eval)

@@ -118,7 +118,7 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
       f"- **Model**: Llama, d={s['hidden_size']}, {s['num_layers']} layers, {s['num_heads']} "
       f"heads, MLP {s['intermediate_size']}, byte tokenizer; {results['params']:,} parameters.",
       f"- **Base**: {s['pretrain_steps']} steps on {s['source_train']} source samples, "
-      f"{s['optimizer']} lr {s['pretrain_lr']:g}. Base: source acc {base['source_acc']:.3f}, "
+      f"AdamW lr {s['pretrain_lr']:g}. Base: source acc {base['source_acc']:.3f}, "
       f"target acc {base['target_acc']:.3f}.",
       f"- **Finetuning**: {s['finetune_steps']} steps of {s['batch_rows']} packed rows x "
       f"{s['seq_len']} tokens on {s['target_train']} target samples (loss on responses), "

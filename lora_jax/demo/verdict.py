@@ -109,7 +109,9 @@ def finding_a(results: dict) -> dict:
     lt = _final(r)["target_acc"]
     ok &= (ft - lt) > Z * _diff_se(ft, lt, n)
     parts.append(f"{r['label']} {_fmt(lt)}")
-  text = f"final target acc: full FT {_fmt(ft)} vs " + ", ".join(parts)
+  text = (f"final target acc: full FT {_fmt(ft)} vs " + ", ".join(parts)
+          + f" (low rank: r <= {_low_limit(results):g} = width/{LOW_RANK_FRACTION}, the paper's "
+          "largest rank/width)")
   return {"status": HOLDS if ok else FAILS, "text": text}
 
 
