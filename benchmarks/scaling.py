@@ -108,7 +108,10 @@ def _plot(result: dict, path: str) -> None:
   fig.suptitle(f"lora-jax {result['spec']['preset']}, f32, {result['machine']['host_cpu']}, "
                f"{result['machine']['cpu_count']} CPUs", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)  # atomic: a failed run never leaves a half-written PNG
 
 
 def main(argv=None) -> int:
