@@ -100,7 +100,6 @@ def jax_worker(spec: dict) -> None:
 
 # --------------------------------------------------------------------------- torch worker
 def torch_worker(spec: dict) -> None:
-  import numpy as np
   import peft
   import torch
   import transformers

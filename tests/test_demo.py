@@ -10,7 +10,7 @@ import pytest
 from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.demo import verdict as V
 from lora_jax.demo.data import ExampleBatches, encode_example
-from lora_jax.demo.domains import (SKILLS, ChoiceItem, Example, SourceDomain, TargetDomain,
+from lora_jax.demo.domains import (SKILLS, Example, SourceDomain, TargetDomain,
                                    choice_accuracy, exact_match_accuracy, shift)
 
 

@@ -105,8 +105,8 @@ def test_run_evals_lora_unmerged_equals_merged(data_dir, tmp_path):
                 out_dir=str(tmp_path / "a"))
   b = run_evals(CFG, merge_lora(params, lora), None, ByteTokenizer(), ["winogrande"], opts,
                 log=None, out_dir=str(tmp_path / "b"))
-  base = run_evals(CFG, init_params(CFG, jax.random.key(0)), None, ByteTokenizer(),
-                   ["winogrande"], opts, log=None, out_dir=str(tmp_path / "c"))
+  run_evals(CFG, init_params(CFG, jax.random.key(0)), None, ByteTokenizer(),
+            ["winogrande"], opts, log=None, out_dir=str(tmp_path / "c"))
   rows = lambda d: [json.loads(x) for x in open(tmp_path / d / "samples_winogrande.jsonl")]  # noqa
   la, lb, lc = ([r["logprobs"] for r in rows(d)] for d in "abc")
   np.testing.assert_allclose(la, lb, atol=1e-4)

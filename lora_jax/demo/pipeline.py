@@ -30,7 +30,7 @@ from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.demo.data import ExampleBatches
 from lora_jax.demo.domains import SourceDomain, TargetDomain
 from lora_jax.demo.evaluate import DemoEvaluator
-from lora_jax.lora import LoraConfig
+from lora_jax.trainer import model_config_from
 
 log = logging.getLogger("lora_jax.demo")
 
@@ -175,14 +175,6 @@ def run_config(s: DemoSettings, out_dir: str, *, steps: int, lr: float, spec: Ru
   return c
 
 
-def _model_config_from(cfg):
-  try:
-    from lora_jax.trainer import model_config_from
-  except ImportError:  # older layout: defined in train.py
-    from lora_jax.train import model_config_from
-  return model_config_from(cfg)
-
-
 def _host(tree):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
@@ -222,7 +214,7 @@ class Demo:
     key = s.base_key()
     cfg = run_config(s, base_dir, steps=s.pretrain_steps, lr=s.pretrain_lr, spec=None,
                      optimizer="adamw")
-    self.model_config = _model_config_from(cfg)
+    self.model_config = model_config_from(cfg)
     self.evaluator = DemoEvaluator(self.model_config, self.tokenizer, self.source_eval,
                                    self.target_eval)
     params = None
