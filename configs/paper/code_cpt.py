@@ -9,19 +9,7 @@ checkpoints at 0.25, 0.5, 1, 2, 4, 8, 10, 16 and 20B tokens (CHECKPOINT_TOKENS).
   lora-jax sweep --config configs/paper/code_cpt.py --dry-run
 """
 
-import importlib.util
-import pathlib
-
-
-def _load_common():
-  path = pathlib.Path(__file__).with_name("common.py")
-  spec = importlib.util.spec_from_file_location("_lora_jax_paper_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-common = _load_common()
+from lora_jax import paper_regimes as common
 
 NAME = "code_cpt"
 KIND = "cpt"
@@ -52,14 +40,4 @@ EVAL = {
 }
 
 
-def get_config(arg=None):
-  return common.build(common.regime(globals()), arg)
-
-
-def run_name(arg=None):
-  return common.run_name(common.regime(globals()), common.parse_variant(arg))
-
-
-def get_sweep():
-  """Group -> list of `get_config` variant strings (see configs/paper/common.py)."""
-  return common.standard_sweep(common.regime(globals()))
+get_config, run_name, get_sweep = common.entry_points(globals())

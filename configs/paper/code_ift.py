@@ -9,19 +9,7 @@ Also the regularization comparison: full FT with weight decay 5e-5 / 1e-4 or att
   lora-jax sweep --config configs/paper/code_ift.py --groups main,regularization --dry-run
 """
 
-import importlib.util
-import pathlib
-
-
-def _load_common():
-  path = pathlib.Path(__file__).with_name("common.py")
-  spec = importlib.util.spec_from_file_location("_lora_jax_paper_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-common = _load_common()
+from lora_jax import paper_regimes as common
 
 NAME = "code_ift"
 KIND = "ift"
@@ -52,19 +40,11 @@ EVAL = {
 }
 
 
-def get_config(arg=None):
-  return common.build(common.regime(globals()), arg)
-
-
-def run_name(arg=None):
-  return common.run_name(common.regime(globals()), common.parse_variant(arg))
-
-
-def get_sweep():
-  """Group -> list of `get_config` variant strings (see configs/paper/common.py)."""
-  regime = common.regime(globals())
-  groups = common.standard_sweep(regime)
+def extra_sweep_groups(regime):
+  """The regularization comparison: full FT with weight decay or attention dropout."""
   regularization = common.cross(
       [{"method": "full", **r} for r in REGULARIZERS], common.budget_axis(regime))
-  groups["regularization"] = common.variants(regularization)
-  return groups
+  return {"regularization": common.variants(regularization)}
+
+
+get_config, run_name, get_sweep = common.entry_points(globals())

@@ -1,9 +1,7 @@
 """What the four paper regimes share: Llama-2-7B, decoupled LionW, LoRA alpha = 2r, the variant
-string, run names and sweep grids. Each regime file (code_cpt.py, math_cpt.py, code_ift.py,
-math_ift.py) holds only its own table values and calls `build` / `standard_sweep` here.
-
-Config files are loaded by path (ml_collections `config_flags` style), so this module is not a
-package import: each regime file loads it by path, next to itself.
+string, run names and sweep grids. Each regime file (configs/paper/code_cpt.py, math_cpt.py,
+code_ift.py, math_ift.py) holds only its own table values and calls `build` / `standard_sweep`
+here through `entry_points`.
 
 A variant is a "key=value,key=value" string, the `get_config(arg)` parameter:
 
@@ -299,3 +297,28 @@ def standard_sweep(regime: Any) -> dict[str, list[str]]:
   lr = (cross(grid(method=["full"], lr=regime.LR_GRID["full"]), short)
         + cross(grid(method=["lora"], rank=[16, 256], lr=regime.LR_GRID["lora"]), short))
   return {"main": variants(main), "targets": variants(targets), "lr": variants(lr)}
+
+
+def entry_points(namespace: dict[str, Any]) -> tuple:
+  """(get_config, run_name, get_sweep) of the regime file whose globals are `namespace`.
+
+  get_config(arg) -> run config of a variant; run_name(arg) -> its run name; get_sweep() ->
+  group -> variant strings (`standard_sweep`, plus the file's own `extra_sweep_groups(regime)`
+  when it defines one).
+  """
+
+  def get_config(arg=None):
+    return build(regime(namespace), arg)
+
+  def run_name_of(arg=None):
+    return run_name(regime(namespace), parse_variant(arg))
+
+  def get_sweep():
+    reg = regime(namespace)
+    groups = standard_sweep(reg)
+    extra = namespace.get("extra_sweep_groups")
+    if extra is not None:
+      groups.update(extra(reg))
+    return groups
+
+  return get_config, run_name_of, get_sweep
