@@ -376,3 +376,25 @@ def status(backend: Backend, sh: Shell) -> int:
   done = sh.capture(backend.ssh(POLL_SCRIPT, worker="0"))
   print(f"job: {done if done is not None else '(unknown)'}")
   return 0
+
+
+def dispatch(action: str, backend: Backend, sh: Shell, args: argparse.Namespace) -> int:
+  """Runs one launcher action (up / create / setup / start / logs / status / delete)."""
+  if action == "up":
+    return up(backend, sh, job_from_args(args))
+  if action == "create":
+    backend.create(sh)
+    return 0
+  if action == "setup":
+    if not args.repo:
+      sh.run(local_source_archive(sh))
+    setup(backend, sh, job_from_args(args))
+    return 0
+  if action == "start":
+    start(backend, sh, job_from_args(args))
+    return 0
+  if action == "logs":
+    return logs(backend, sh)
+  if action == "status":
+    return status(backend, sh)
+  return sh.run(backend.delete(), check=False)

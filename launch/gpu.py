@@ -113,25 +113,7 @@ def main(argv: list[str] | None = None) -> int:
   sh = cloud.Shell(dry_run=args.dry_run)
   if args.action == "local":
     return sh.run(docker_argv(args, cloud.job_from_args(args)), check=False)
-  vm = GceGpu(args)
-  if args.action == "up":
-    return cloud.up(vm, sh, cloud.job_from_args(args))
-  if args.action == "create":
-    vm.create(sh)
-    return 0
-  if args.action == "setup":
-    if not args.repo:
-      sh.run(cloud.local_source_archive(sh))
-    cloud.setup(vm, sh, cloud.job_from_args(args))
-    return 0
-  if args.action == "start":
-    cloud.start(vm, sh, cloud.job_from_args(args))
-    return 0
-  if args.action == "logs":
-    return cloud.logs(vm, sh)
-  if args.action == "status":
-    return cloud.status(vm, sh)
-  return sh.run(vm.delete(), check=False)
+  return cloud.dispatch(args.action, GceGpu(args), sh, args)
 
 
 if __name__ == "__main__":

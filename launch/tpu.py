@@ -128,25 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   sh = cloud.Shell(dry_run=args.dry_run)
-  tpu = Tpu(args)
-  if args.action == "up":
-    return cloud.up(tpu, sh, cloud.job_from_args(args))
-  if args.action == "create":
-    tpu.create(sh)
-    return 0
-  if args.action == "setup":
-    if not args.repo:
-      sh.run(cloud.local_source_archive(sh))
-    cloud.setup(tpu, sh, cloud.job_from_args(args))
-    return 0
-  if args.action == "start":
-    cloud.start(tpu, sh, cloud.job_from_args(args))
-    return 0
-  if args.action == "logs":
-    return cloud.logs(tpu, sh)
-  if args.action == "status":
-    return cloud.status(tpu, sh)
-  return sh.run(tpu.delete(), check=False)
+  return cloud.dispatch(args.action, Tpu(args), sh, args)
 
 
 if __name__ == "__main__":
