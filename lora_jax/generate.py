@@ -139,10 +139,10 @@ def _device_fns(config: LlamaConfig, lora: LoraConfig | None, eos_ids: tuple, pa
               top_k, *, greedy: bool, cache_len: int):
     counts["prefill"] += 1
     cache = init_kv_cache(config, tokens_BP.shape[0], cache_len, cache_dtype)
-    logits_BPV, cache = model.apply({"params": params}, tokens_BP, positions_BP, segments_BP,
-                                    kv_cache=cache)
-    # Left padding: the last column is every row's last real token.
-    tok_B = sample_tokens(logits_BPV[:, -1], row_ids_B, 0, seed, temperature, top_p, top_k, greedy)
+    # Left padding: the last column is every row's last real token, the only logits needed.
+    logits_B1V, cache = model.apply({"params": params}, tokens_BP, positions_BP, segments_BP,
+                                    kv_cache=cache, last_only=True)
+    tok_B = sample_tokens(logits_B1V[:, 0], row_ids_B, 0, seed, temperature, top_p, top_k, greedy)
     return cache, tok_B
 
   def decode(params, state, stop_at, row_ids_B, seed, temperature, top_p, top_k, *,

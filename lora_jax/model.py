@@ -323,7 +323,9 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True,
-               kv_cache: KVCache | None = None):
+               kv_cache: KVCache | None = None, last_only: bool = False):
+    """Logits [B, L, V], or [B, 1, V] for the last position only with `last_only` (a prefill
+    that samples one token skips the other L - 1 rows of the vocab projection)."""
     cfg = self.config
     B, L = tokens_BL.shape
     if segment_ids_BL is None:
@@ -366,9 +368,11 @@ class Llama(nn.Module):
         new_k.append(c[0])
         new_v.append(c[1])
 
+    if last_only:
+      x_BLD = x_BLD[:, -1:]
     x_BLD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                     name="norm")(x_BLD)
-    x_TD = x_BLD.reshape(B * L, -1)  # 2-D matmul: see LoraDense on XLA:CPU's 3-D dot layouts
+    x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])  # 2-D matmul: see LoraDense on XLA:CPU's 3-D dot layouts
     if cfg.tie_word_embeddings:
       logits_TV = embed.attend(x_TD)
     else:
@@ -377,7 +381,7 @@ class Llama(nn.Module):
                            kernel_init=nn.with_logical_partitioning(
                                nn.initializers.normal(0.02), ("embed", "vocab")),
                            name="lm_head")(x_TD)
-    logits_BLV = logits_TV.reshape(B, L, -1)
+    logits_BLV = logits_TV.reshape(B, x_BLD.shape[1], -1)
     if kv_cache is None:
       return logits_BLV
     return logits_BLV, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids_BS=cache_seg_BS,

@@ -115,6 +115,23 @@ def test_kv_cache_matches_full_forward(params):
   assert int(cache.index) == 9
 
 
+def test_last_only_logits_match_the_last_column(params):
+  """`last_only` (what generation's prefill uses) = the last position of the full logits, with
+  and without a KV cache, and the vocab projection runs on one row per sequence."""
+  t = _tokens((2, 7))
+  full = Llama(CFG).apply({"params": params}, t)
+  last = Llama(CFG).apply({"params": params}, t, last_only=True)
+  assert last.shape == (2, 1, CFG.vocab_size)
+  np.testing.assert_allclose(last, full[:, -1:], atol=1e-5)
+  cached, cache = Llama(CFG).apply({"params": params}, t, kv_cache=init_kv_cache(CFG, 2, 8),
+                                   last_only=True)
+  np.testing.assert_allclose(cached, full[:, -1:], atol=1e-5)
+  assert int(cache.index) == 7
+  flops = lambda **kw: jax.jit(lambda p: Llama(CFG).apply({"params": p}, t, **kw)).lower(  # noqa
+      params).compile().cost_analysis()["flops"]
+  assert flops(last_only=True) < flops() - 2 * 2 * 6 * CFG.hidden_size * CFG.vocab_size * 0.9
+
+
 def test_tied_embeddings_and_bf16_compute():
   cfg = CFG.replace(tie_word_embeddings=True, dtype="bfloat16")
   p = init_params(cfg, jax.random.key(1))
