@@ -13,7 +13,9 @@ the worker or its libraries print goes to stderr.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -189,3 +191,46 @@ def versions(*modules: str) -> dict:
     except Exception:  # noqa: BLE001
       out[m] = None
   return out
+
+
+# --------------------------------------------------------------------------- torch contenders
+TORCH_STACK = ("torch", "transformers", "peft")  # the `interop` extra
+
+
+def have_modules(*names: str) -> bool:
+  """True when every module is importable (without importing it)."""
+  return all(importlib.util.find_spec(n) for n in names)
+
+
+def add_torch_arguments(p: argparse.ArgumentParser) -> None:
+  """--no-torch and --torch-threads, shared by the benchmarks that time HF / PEFT."""
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--torch-threads", default="",
+                 help="torch thread counts to time, e.g. 1,2 (default: 1 and torch's default); "
+                      "ratios use the fastest. On a loaded machine torch's OpenMP threads "
+                      "spin-wait for descheduled peers: 1 thread can be several times faster")
+
+
+def requested_threads(text: str) -> list[int]:
+  """--torch-threads as a list (empty: the worker's default, see `torch_thread_counts`)."""
+  return [int(t) for t in text.split(",") if t]
+
+
+def torch_thread_counts(requested: list[int]) -> list[int]:
+  """The thread counts a torch worker times: `requested`, or 1 and torch's default."""
+  import torch
+  return sorted(set(requested or [1, torch.get_num_threads()]))
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+  """The hidden --worker / --spec a benchmark script passes to itself (see `start_worker`)."""
+  p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  p.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def run_worker(args: argparse.Namespace, workers: dict[str, Callable[[dict], None]]) -> bool:
+  """In a worker process (args.worker set): runs that worker on its spec and returns True."""
+  if not args.worker:
+    return False
+  workers[args.worker](json.loads(args.spec))
+  return True

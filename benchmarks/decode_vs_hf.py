@@ -89,7 +89,7 @@ def torch_worker(spec: dict) -> None:
         if k not in ("architectures", "model_type", "torch_dtype")}
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()
   contenders = {}
-  threads = sorted(set(spec["torch_threads"] or [1, torch.get_num_threads()]))
+  threads = H.torch_thread_counts(spec["torch_threads"])
   for b, t in ((b, t) for b in spec["batches"] for t in threads):
     ids = torch.from_numpy(_prompts(spec, b)).long()
 
@@ -114,32 +114,24 @@ def main(argv=None) -> int:
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--reps", type=int, default=5, help="timed generate calls per contender")
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--torch-threads", default="",
-                 help="torch thread counts, e.g. 1,2 (default: 1 and torch's default); ratios "
-                      "use the fastest (a loaded machine makes torch's OpenMP threads spin)")
+  H.add_torch_arguments(p)
   p.add_argument("--out", default="benchmarks/results/decode_vs_hf.json")
-  p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  p.add_argument("--spec", help=argparse.SUPPRESS)
+  H.add_worker_arguments(p)
   args = p.parse_args(argv)
-  if args.worker:
-    spec = json.loads(args.spec)
-    (jax_worker if args.worker == "jax" else torch_worker)(spec)
+  if H.run_worker(args, {"jax": jax_worker, "torch": torch_worker}):
     return 0
-
-  import importlib.util
 
   from lora_jax.config import preset
   spec = {"preset": args.preset, "batches": [int(b) for b in args.batches.split(",")],
           "new": args.new, "prompt": args.prompt, "rank": args.rank, "warmup": args.warmup,
           "seed": 0, "vocab": preset(args.preset).vocab_size,
-          "torch_threads": [int(t) for t in args.torch_threads.split(",") if t]}
+          "torch_threads": H.requested_threads(args.torch_threads)}
   machine = H.machine_info()
   print(f"{H.load_line(machine)}\nspec: {spec}", flush=True)
   script = os.path.abspath(__file__)
   jw = H.start_worker(script, "jax", ["--spec", json.dumps(spec)])
   workers = [jw]
-  if not args.no_torch and importlib.util.find_spec("transformers"):
+  if not args.no_torch and H.have_modules("torch", "transformers"):
     workers.append(H.start_worker(script, "torch", ["--spec", json.dumps(spec)]))
   workers = [w for w in workers if w is not None]
   try:

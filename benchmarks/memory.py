@@ -207,8 +207,7 @@ def main(argv=None) -> int:
   result["compiled"] = compiled_memory(args.preset, args.rank, args.batch, args.seq)
   if not args.no_rss:
     kinds = ["jax_full", "jax_lora"]
-    import importlib.util
-    if not args.no_torch and all(importlib.util.find_spec(m) for m in ("torch", "peft")):
+    if not args.no_torch and H.have_modules(*H.TORCH_STACK):
       kinds += ["torch_full", "peft_lora"]
     spec = {"preset": args.preset, "rank": args.rank, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "dtype": "float32"}

@@ -108,8 +108,7 @@ def torch_worker(spec: dict) -> None:
   from lora_jax.metrics import train_flops_per_token
 
   torch.manual_seed(0)
-  spec["torch_threads"] = spec["torch_threads"] or [1, torch.get_num_threads()]
-  spec["torch_threads"] = sorted(set(spec["torch_threads"]))
+  spec["torch_threads"] = H.torch_thread_counts(spec["torch_threads"])
   cfg = preset(spec["preset"])
   hf = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type",
                                                            "torch_dtype")}
@@ -164,11 +163,6 @@ def torch_worker(spec: dict) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-def _have_torch_stack() -> bool:
-  import importlib.util
-  return all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="bench_34m")
@@ -179,32 +173,25 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=10, help="timed steps per contender")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (with compilation)")
   p.add_argument("--matmul-n", type=int, default=2048)
-  p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--torch-threads", default="",
-                 help="torch thread counts to time, e.g. 1,2 (default: 1 and torch's default); "
-                      "ratios use the fastest. On a loaded machine torch's OpenMP threads "
-                      "spin-wait for descheduled peers: 1 thread can be several times faster")
+  H.add_torch_arguments(p)
   p.add_argument("--no-floor", action="store_true")
   p.add_argument("--out", default="benchmarks/results/train_step.json")
-  p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  p.add_argument("--spec", help=argparse.SUPPRESS)
+  H.add_worker_arguments(p)
   args = p.parse_args(argv)
-  if args.worker:
-    spec = json.loads(args.spec)
-    (jax_worker if args.worker == "jax" else torch_worker)(spec)
+  if H.run_worker(args, {"jax": jax_worker, "torch": torch_worker}):
     return 0
 
   from lora_jax.config import preset
   spec = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "rank": args.rank,
           "dtype": args.dtype, "warmup": args.warmup, "matmul_n": args.matmul_n, "seed": 0,
           "vocab": preset(args.preset).vocab_size,
-          "torch_threads": [int(t) for t in args.torch_threads.split(",") if t],
+          "torch_threads": H.requested_threads(args.torch_threads),
           "jax_modes": ["full", "lora"] + ([] if args.no_floor else ["floor"])}
   machine = H.machine_info()
   print(f"{H.load_line(machine)}\nspec: {spec}", flush=True)
   script = os.path.abspath(__file__)
   workers = [H.start_worker(script, "jax", ["--spec", json.dumps(spec)])]
-  if not args.no_torch and _have_torch_stack():
+  if not args.no_torch and H.have_modules(*H.TORCH_STACK):
     workers.append(H.start_worker(script, "torch", ["--spec", json.dumps(spec)]))
   elif not args.no_torch:
     print("torch / transformers / peft not installed (pip install -e '.[interop]'): jax only")
