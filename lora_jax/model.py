@@ -148,7 +148,7 @@ def _project(x_BLD: Array, denses: list[LoraDense], deterministic: bool) -> list
   B, L, D = x_BLD.shape
   ys = dense_group(x_BLD.reshape(B * L, D).astype(dtype), [cast(k) for k, _, _ in params],
                    [cast(a) for _, a, _ in params], [cast(b) for _, _, b in params],
-                   lora.scale if lora is not None else 1.0)
+                   lora.scale)
   return [y.reshape(B, L, -1) for y in ys]
 
 
@@ -372,7 +372,8 @@ class Llama(nn.Module):
       x_BLD = x_BLD[:, -1:]
     x_BLD = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                     name="norm")(x_BLD)
-    x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])  # 2-D matmul: see LoraDense on XLA:CPU's 3-D dot layouts
+    # 2-D matmul: see LoraDense on XLA:CPU's 3-D dot layouts.
+    x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
     if cfg.tie_word_embeddings:
       logits_TV = embed.attend(x_TD)
     else:
