@@ -86,6 +86,13 @@ COLORS = ("red", "tan", "sky", "ash", "ink", "jet", "fig", "oak")
 ATTRIBUTES = ("col", "num")
 
 
+def _attribute_value(rng: np.random.Generator, attr: str) -> str:
+  """A random value of a fact attribute: a colour word, or a 2-digit number."""
+  if attr == "col":
+    return COLORS[int(rng.integers(len(COLORS)))]
+  return "".join(DIGITS[i] for i in rng.integers(0, 10, 2))
+
+
 class SourceDomain:
   """Skills (sort / shift on letter or digit strings) and facts (a random knowledge base)."""
   name = "source"
@@ -105,9 +112,7 @@ class SourceDomain:
     while len(names) < n_entities:
       names.add("".join(LETTERS[i] for i in rng.integers(0, 26, 3)))
     self.entities = tuple(sorted(names))
-    self.facts = {e: {"col": COLORS[int(rng.integers(len(COLORS)))],
-                      "num": "".join(DIGITS[i] for i in rng.integers(0, 10, 2))}
-                  for e in self.entities}
+    self.facts = {e: {a: _attribute_value(rng, a) for a in ATTRIBUTES} for e in self.entities}
 
   def describe(self) -> str:
     return (f"facts about {len(self.entities)} made-up entities (`kav.col=` -> `red`, "
@@ -149,10 +154,7 @@ class SourceDomain:
         prompt, answer = f"{entity}.{attr}=", self.facts[entity][attr]
         wrong: list[str] = []
         while len(wrong) < 3:
-          if attr == "col":
-            cand = COLORS[int(rng.integers(len(COLORS)))]
-          else:
-            cand = "".join(DIGITS[i] for i in rng.integers(0, 10, 2))
+          cand = _attribute_value(rng, attr)
           if cand != answer and cand not in wrong:
             wrong.append(cand)
       else:
