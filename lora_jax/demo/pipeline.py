@@ -335,6 +335,7 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
   def go(spec, grid=False):
     run = demo.finetune(spec, base, len(runs) + 1, total_runs, grid=grid and len(
         grid_full if spec.rank == 0 else grid_lora) > 1)
+    run["selected"] = not grid  # a grid run is kept only if its LR wins the selection
     runs.append(run)
     return run
 
@@ -345,11 +346,9 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
   if len(grid_full) > 1 or len(grid_lora) > 1:
     echo(f"      selected by final target validation loss: full FT lr {best_full['spec'].lr:g}, "
          f"LoRA lr {best_lora['spec'].lr:g}")
+  best_full["selected"] = best_lora["selected"] = True
   for spec in settings.lora_runs(best_lora["spec"].lr):
     go(spec)
-  for run in runs:
-    run["selected"] = not (run in full_runs and run is not best_full) and not (
-        run in lora_grid and run is not best_lora)
   demo.timings["finetune"] = ft_clock.read()
 
   kept = [r for r in runs if r["selected"]]
@@ -372,7 +371,7 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
         "rank_by_layer": a["rank_by_layer"], "rel_delta_norm": a["rel_delta_norm"]})
     if not spectra and module in a["spectra"]:
       spectra["W_base"] = a["spectra"][module]["base"]
-    if module in a["spectra"] and run["selected"]:
+    if module in a["spectra"]:
       spectra[f"ΔW {spec.label}"] = a["spectra"][module]["delta"]
     spectra_layer = a["spectra_layer"]
     echo(f"      {spec.label}: dW rank@90% median {a['rank_median']:g}, max {a['rank_max']}")
