@@ -249,7 +249,7 @@ def build(regime: Any, arg: str | None = None):
 
 def _set_keep_points(c, regime) -> None:
   """CPT: never delete the checkpoints at the paper's token milestones (train.keep_steps)."""
-  if regime.KIND == "cpt" and "keep_steps" in c.train:  # the key is new in the schema
+  if regime.KIND == "cpt":
     c.train.keep_steps = ",".join(str(s) for s in checkpoint_steps(regime))
 
 
