@@ -5,9 +5,11 @@ update, as Composer evaluates its schedulers on batches completed):
 
   cosine_with_warmup   t / W during warmup, then alpha_f + (1 - alpha_f) (1 + cos(pi tau)) / 2
                        with tau = (t - W) / (T - W)          (Composer CosineAnnealingWithWarmup)
-  inv_sqrt_with_warmup t / W during warmup, then a_d + (1 - a_d) / sqrt((t - W + S) / S), and a
-                       linear cooldown to alpha_f_cooldown over the last cooldown_fraction of T
-                       (LLM-Foundry InverseSquareRootWithWarmupScheduler; S = t_scale)
+  inv_sqrt_with_warmup LLM-Foundry's InverseSquareRootWithWarmupScheduler: t / W during warmup,
+                       then a_d + (1 - a_d) / sqrt((t - W + S) / S) (S = t_scale) until
+                       max(T - C, W), then linear from that value to alpha_f_cooldown over the
+                       C = t_cooldown steps. With a_d = 1 the decay is flat: warmup, constant,
+                       linear cooldown (the paper's CPT "trapezoid").
   constant             t / W during warmup, then 1
 
 Optimizers apply weight decay the decoupled Composer way, scaled by the schedule factor and not
@@ -48,22 +50,31 @@ def cosine_factor(total_steps: int, warmup: int, alpha_f: float) -> Schedule:
   return optax.join_schedules([_warmup(warmup), decay], [warmup])
 
 
-def inv_sqrt_factor(total_steps: int, warmup: int, t_scale: int, cooldown_fraction: float,
+def inv_sqrt_factor(t_max: int, t_warmup: int, t_scale: int, t_cooldown: int,
                     alpha_f_decay: float = 0.0, alpha_f_cooldown: float = 0.0) -> Schedule:
-  t_scale = float(t_scale or max(warmup, 1))
-  cooldown = int(round(cooldown_fraction * total_steps))
-  cool_start = max(total_steps - cooldown, warmup)
+  """LLM-Foundry's `InverseSquareRootWithWarmupScheduler` with every time in optimizer steps.
+
+  t_max is the run's length (the scheduler's "1dur"); the cooldown starts at
+  max(t_max - t_cooldown, t_warmup), so a run shorter than its warmup never leaves the warmup.
+  With t_cooldown = 0 the factor holds its value from t_max on.
+  """
+  if t_scale <= 0:
+    raise ValueError(f"inv_sqrt_with_warmup: t_scale must be > 0, got {t_scale}")
+  if alpha_f_decay < alpha_f_cooldown:
+    raise ValueError("inv_sqrt_with_warmup: needs alpha_f_decay >= alpha_f_cooldown, got "
+                     f"{alpha_f_decay} < {alpha_f_cooldown}")
+  cool_start = max(t_max - t_cooldown, t_warmup)
 
   def decay(t):
-    return alpha_f_decay + (1.0 - alpha_f_decay) / jnp.sqrt((t - warmup + t_scale) / t_scale)
+    return alpha_f_decay + (1.0 - alpha_f_decay) / jnp.sqrt((t - t_warmup + t_scale) / t_scale)
 
   def factor(count):
     t = jnp.asarray(count, jnp.float32)
-    warm = t / max(warmup, 1)
+    warm = t / max(t_warmup, 1)
     a_i = decay(jnp.float32(cool_start))
-    frac = jnp.clip((t - cool_start) / max(cooldown, 1), 0.0, 1.0)
-    cool = a_i + frac * (alpha_f_cooldown - a_i) if cooldown > 0 else a_i
-    return jnp.where(t < warmup, warm, jnp.where(t < cool_start, decay(t), cool))
+    frac = jnp.minimum((t - cool_start) / max(t_cooldown, 1), 1.0)
+    cool = a_i + frac * (alpha_f_cooldown - a_i) if t_cooldown > 0 else a_i
+    return jnp.where(t < t_warmup, warm, jnp.where(t < cool_start, decay(t), cool))
 
   return factor
 
@@ -81,9 +92,9 @@ def make_factor_schedule(sched_cfg, total_steps: int) -> Schedule:
   if name == "cosine_with_warmup":
     return cosine_factor(total_steps, w, sched_cfg.alpha_f)
   if name == "inv_sqrt_with_warmup":
-    return inv_sqrt_factor(total_steps, w, sched_cfg.inv_sqrt_scale_steps,
-                           sched_cfg.cooldown_fraction, sched_cfg.alpha_f_decay,
-                           sched_cfg.alpha_f_cooldown)
+    return inv_sqrt_factor(total_steps, w, int(sched_cfg.inv_sqrt_scale_steps) or max(w, 1),
+                           int(round(sched_cfg.cooldown_fraction * total_steps)),
+                           sched_cfg.alpha_f_decay, sched_cfg.alpha_f_cooldown)
   if name == "constant":
     return constant_factor(w)
   raise ValueError(f"schedule.name: unknown schedule {name!r}")
@@ -152,5 +163,5 @@ def schedule_values(sched_cfg, total_steps: int, steps) -> list[float]:
   return [float(f(jnp.asarray(s))) for s in steps]
 
 
-__all__ = ["make_optimizer", "make_factor_schedule", "decoupled_lionw", "decoupled_adamw",
+__all__ = ["make_optimizer", "make_factor_schedule", "inv_sqrt_factor", "decoupled_lionw", "decoupled_adamw",
            "scheduled_weight_decay", "num_warmup_steps", "schedule_values"]

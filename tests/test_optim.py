@@ -46,6 +46,36 @@ def test_inv_sqrt_with_warmup_and_cooldown_values():
   np.testing.assert_allclose(optim.schedule_values(s, T, [40, 100]), [a40, 0.05], atol=1e-6)
 
 
+@pytest.mark.parametrize("args, at, want", [
+    # LLM-Foundry tests/test_scheduler.py, InverseSquareRootWithWarmupScheduler on a 100-batch
+    # run (the two cases quoted in paper_protocol.md):
+    # (t_warmup, t_scale, t_cooldown, alpha_f_decay, alpha_f_cooldown)
+    ((10, 10, 0, 0.0, 0.0), [0, 5, 10, 40, 90, 100], [0, 0.5, 1, 0.5, 1 / 3, 0.31623]),
+    ((20, 2, 10, 0.4, 0.1), [0, 10, 20, 36, 90, 95, 100], [0, 0.5, 1, 0.6, 0.5, 0.3, 0.1]),
+])
+def test_inv_sqrt_matches_llm_foundry_published_cases(args, at, want):
+  f = optim.inv_sqrt_factor(100, *args)
+  np.testing.assert_allclose([float(f(t)) for t in at], want, atol=1e-5)
+
+
+def test_paper_cpt_schedule_is_a_trapezoid():
+  # Paper: t_warmup = t_scale = 1000, alpha_f_decay = 1, t_cooldown = 5086, alpha_f_cooldown = 0
+  # over the 20B-token run (25,432 steps of 192 x 4096): warmup, flat at 1, linear to 0.
+  s = _sched(name="inv_sqrt_with_warmup", warmup_fraction=0.0, warmup_steps=1000,
+             inv_sqrt_scale_steps=1000, cooldown_fraction=0.2, alpha_f_decay=1.0,
+             alpha_f_cooldown=0.0)
+  T = 25432
+  got = optim.schedule_values(s, T, [500, 1000, 10000, T - 5086, T - 2543, T])
+  np.testing.assert_allclose(got, [0.5, 1.0, 1.0, 1.0, 0.5, 0.0], atol=1e-4)
+  # a run shorter than its warmup stays in the warmup (LLM-Foundry: t < t_warmup wins)
+  np.testing.assert_allclose(optim.schedule_values(s, 318, [0, 317]), [0.0, 0.317], atol=1e-6)
+
+
+def test_inv_sqrt_rejects_decay_below_cooldown_factor():
+  with pytest.raises(ValueError, match="alpha_f_decay >= alpha_f_cooldown"):
+    optim.inv_sqrt_factor(100, 10, 10, 10, alpha_f_decay=0.0, alpha_f_cooldown=0.1)
+
+
 def test_constant_with_and_without_warmup():
   np.testing.assert_allclose(
       optim.schedule_values(_sched(name="constant", warmup_fraction=0.0, warmup_steps=0), 10,
