@@ -180,3 +180,30 @@ def test_worker_process_matches_serial_stream_and_resumes():
     fresh.close()
   serial = _take(make_batch_iterator(_cfg(synthetic_docs=40), TOK, **kw), 7)
   assert _same(serial[4:], want)
+
+
+def test_packing_ratio_steps_samples_and_exact_resume():
+  cfg = _cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0)
+  kw = dict(seq_len=512, batch_size=4, seed=5)
+  it = make_batch_iterator(cfg, TOK, num_epochs=1, **kw)
+  batches = list(it)
+  assert it.batches_per_epoch == 60 // 12 == len(batches)  # N // (ratio x batch), drop_last
+  assert 4 * len(batches) < it.stats["documents"] <= 60  # each sample at most once
+  for b in batches:
+    assert set(b) == KEYS and b["tokens"].shape == (4, 512)
+    assert (b["loss_mask"][b["segment_ids"] == 0] == 0).all()
+  assert max(int(b["segment_ids"].max()) for b in batches) >= 2  # rows hold several samples
+  stream = make_batch_iterator(cfg, TOK, **kw)
+  _take(stream, 7)  # crosses the epoch boundary
+  state = json.dumps(stream.get_state())
+  assert json.loads(state)["pipeline"]["step"] == 7
+  want = _take(stream, 4)
+  fresh = make_batch_iterator(cfg, TOK, **kw)
+  fresh.set_state(state)
+  assert _same(_take(fresh, 4), want) and fresh.stats == stream.stats
+
+
+def test_packing_ratio_is_ift_only():
+  with pytest.raises(DataError, match="data.packing_ratio"):
+    make_batch_iterator(_cfg(regime="cpt", packing_ratio=2.0), TOK, seq_len=64, batch_size=2,
+                        seed=0)

@@ -8,12 +8,19 @@ A row is four int32 [L] arrays: `tokens`, `positions` (0 at each segment start),
   "whole"   IFT packed: whole samples (already truncated to L) are placed greedily in order; a
             sample that does not fit closes the row (padding the rest) and starts the next one.
   "single"  IFT unpacked: one sample per row, padded.
-`Packer` is shared by the pure `pack_documents` and the checkpointable `PackIterDataset`.
+  "ratio"   IFT packed as LLM-Foundry's `packing_ratio`: each step reads round(ratio x rows)
+            samples and bin-packs them, with the bins left over from earlier steps, first-fit
+            decreasing into `rows` rows (`first_fit_decreasing`); the fullest rows are emitted, up
+            to 10 x rows leftover bins wait for the next step, the rest are dropped. An epoch
+            is then N // round(ratio x rows) steps, as the paper's step counts.
+`Packer` is shared by the pure `pack_documents` and the checkpointable `PackIterDataset`;
+`RatioPackIterDataset` implements "ratio" over an indexable dataset of encoded samples.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable, Sequence
 
 import grain
@@ -208,3 +215,141 @@ class PackIterDataset(grain.IterDataset):
 
   def __str__(self) -> str:
     return f"PackIterDataset(seq_len={self._seq_len}, mode={self._mode})"
+
+
+# --------------------------------------------------------------------------- packing_ratio
+Bin = tuple[int, list[int]]  # (tokens in the bin, item ids in the order they were added)
+
+
+def first_fit_decreasing(sizes: Sequence[int], ids: Sequence[int], num_bins: int,
+                         max_bin_size: int, bins: Sequence[Bin] = ()) -> tuple[list[Bin],
+                                                                                list[Bin]]:
+  """LLM-Foundry's `first_fit_bin_packing` on sizes: (the `num_bins` fullest bins, the rest).
+
+  Items go longest first (ties keep their order) into the first of `bins` (earlier leftovers
+  first) with room, else into a new bin; once only as many items remain as bins are missing,
+  each takes its own bin, so at least `num_bins` bins come out when there are enough items.
+  """
+  bins = [(n, list(members)) for n, members in bins]
+  items = sorted(zip(sizes, ids), key=lambda x: -x[0])
+  for i, (size, item) in enumerate(items):
+    if len(items) - i <= max(0, num_bins - len(bins)):
+      bins.append((size, [item]))
+      continue
+    for b, (n, members) in enumerate(bins):
+      if n + size <= max_bin_size:
+        bins.pop(b)
+        bins.append((n + size, members + [item]))
+        break
+    else:
+      bins.append((size, [item]))
+  bins.sort(key=lambda x: -x[0])
+  return bins[:num_bins], bins[num_bins:]
+
+
+def samples_per_step(packing_ratio: float, rows: int) -> int:
+  """Samples read per step (LLM-Foundry: int(packing_ratio * device batch size))."""
+  return int(packing_ratio * rows)
+
+
+def ratio_steps_per_epoch(num_samples: int, packing_ratio: float, rows: int) -> int:
+  """Steps in one epoch of `num_samples` (the last incomplete step is dropped, drop_last)."""
+  return num_samples // samples_per_step(packing_ratio, rows)
+
+
+class _RatioPackIterator(grain.DatasetIterator):
+  """State: the next step's index and the leftover bins as lists of sample indices (small ints
+  into the parent dataset, so the state stays JSON and the samples are re-read on restore)."""
+
+  def __init__(self, parent: grain.MapDataset, seq_len: int, pad_id: int, rows: int,
+               per_step: int, max_leftover: int):
+    super().__init__()
+    self._samples, self._seq_len, self._pad_id = parent, seq_len, pad_id
+    self._rows, self._per_step, self._max_leftover = rows, per_step, max_leftover
+    self._step, self._leftover = 0, []
+    self._cache: dict[int, dict] = {}  # the samples in leftover bins
+    self._pending: list[dict] = []
+    self._warned_drop = False
+
+  def _sample(self, index: int) -> dict:
+    return self._samples[index]
+
+  def _pack_step(self) -> list[dict]:
+    start = self._step * self._per_step
+    indices = list(range(start, start + self._per_step))
+    if len(self._samples) < start + self._per_step:  # drop_last: no incomplete step
+      raise StopIteration
+    samples = {i: self._sample(i) for i in indices}
+    skipped = [i for i in indices if "skip" in samples[i]]
+    real = [i for i in indices if "skip" not in samples[i]]
+    for i in real:
+      if len(samples[i]["ids"]) > self._seq_len:
+        raise ValueError(f"a sample of {len(samples[i]['ids'])} tokens does not fit "
+                         f"seq_len={self._seq_len}; IFT samples are truncated before packing")
+    packed, leftover = first_fit_decreasing([len(samples[i]["ids"]) for i in real], real,
+                                            self._rows, self._seq_len, self._leftover_bins())
+    if len(leftover) > self._max_leftover and not self._warned_drop:
+      self._warned_drop = True
+      log.warning("packing_ratio: more leftover bins than %d; the emptiest are dropped (further "
+                  "drops are not reported)", self._max_leftover)
+    self._leftover = [members for _, members in leftover[:self._max_leftover]]
+    known = {**self._cache, **samples}
+    self._cache = {i: known[i] for members in self._leftover for i in members}
+    self._step += 1
+    out = []
+    for r, (_, members) in enumerate(packed):
+      row = _Row(self._seq_len, self._pad_id)
+      for i in members:
+        doc = known[i]
+        row.append(doc["ids"], doc["mask"])
+        row.stats["documents"] += 1
+        row.stats["truncated"] += int(bool(doc.get("truncated", 0)))
+      if r == 0:
+        row.stats["skipped"] += len(skipped)
+      out.append(row.emit())
+    while len(out) < self._rows:  # fewer samples than rows: padding rows keep the batch shape
+      out.append(_Row(self._seq_len, self._pad_id).emit())
+    return out
+
+  def _leftover_bins(self) -> list[Bin]:
+    for i in (i for members in self._leftover for i in members if i not in self._cache):
+      self._cache[i] = self._sample(i)  # after a restore
+    return [(sum(len(self._cache[i]["ids"]) for i in members), list(members))
+            for members in self._leftover]
+
+  def __next__(self) -> dict:
+    if not self._pending:
+      self._pending = self._pack_step()
+    return self._pending.pop(0)
+
+  def get_state(self) -> dict:
+    if self._pending:
+      raise ValueError("packing_ratio: state is only defined at step boundaries (take whole "
+                       "batches of `rows` rows)")
+    return {"step": self._step, "leftover": [list(map(int, m)) for m in self._leftover]}
+
+  def set_state(self, state: dict):
+    self._step = int(state["step"])
+    self._leftover = [list(map(int, m)) for m in state["leftover"]]
+    self._cache, self._pending = {}, []
+
+
+class RatioPackIterDataset(grain.IterDataset):
+  """Encoded samples (an indexable dataset of {"ids", "mask"} or {"skip"}) -> rows, `rows` per
+  step from int(packing_ratio x rows) samples (see the module docstring, mode "ratio")."""
+
+  def __init__(self, parent: grain.MapDataset, seq_len: int, pad_id: int, rows: int,
+               packing_ratio: float, max_leftover_bins: int | None = None):
+    super().__init__()
+    if not packing_ratio >= 1 or not math.isfinite(packing_ratio):
+      raise ValueError(f"packing_ratio must be >= 1, got {packing_ratio}")
+    self._samples = parent
+    self._args = (seq_len, pad_id, rows, samples_per_step(packing_ratio, rows),
+                  10 * rows if max_leftover_bins is None else max_leftover_bins)
+    self._ratio = packing_ratio
+
+  def __iter__(self) -> _RatioPackIterator:
+    return _RatioPackIterator(self._samples, *self._args)
+
+  def __str__(self) -> str:
+    return f"RatioPackIterDataset(seq_len={self._args[0]}, packing_ratio={self._ratio})"

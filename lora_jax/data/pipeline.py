@@ -3,7 +3,9 @@
 Per process: records[process_index::process_count] (disjoint shards that cover the data), shuffled
 by `seed` with a fresh permutation every epoch (grain's shuffle is keyed by epoch), repeated
 `num_epochs` times (None: forever), encoded (CPT text + EOS, or IFT template + loss mask), packed
-into rows of `seq_len` and batched. Packing runs over the epoch stream, so with several epochs a row
+into rows of `seq_len` and batched. IFT with `data.packing_ratio` >= 1 packs each step's
+int(ratio x batch) samples into one batch as LLM-Foundry does (`packing.RatioPackIterDataset`), so
+an epoch is N // (ratio x batch) steps; otherwise `data.pack` chooses "whole" or "single". Packing runs over the epoch stream, so with several epochs a row
 may hold the end of one epoch and the start of the next. The iterator state (grain's, plus the
 packer's position inside a document) is a small JSON-serializable dict; restoring it continues with
 the exact next batch. With `data.num_workers > 0` rows are built in grain worker processes (each
@@ -22,7 +24,7 @@ import numpy as np
 
 from lora_jax.data import formats
 from lora_jax.data.errors import DataError
-from lora_jax.data.packing import STAT_KEYS, PackIterDataset
+from lora_jax.data.packing import STAT_KEYS, PackIterDataset, RatioPackIterDataset
 from lora_jax.data.sources import ERROR, WHERE, cfg_get, load_records
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,14 @@ class BatchIterator:
         text_field=str(cfg_get(data_cfg, "text_field", "text")),
         add_bos=bool(cfg_get(data_cfg, "add_bos", True)), seq_len=self.seq_len,
         skip_malformed=bool(cfg_get(data_cfg, "skip_malformed", False)))
+    self._packing_ratio = float(cfg_get(data_cfg, "packing_ratio", 0.0))
+    if self._packing_ratio and not (self.regime == "ift" and self._packing_ratio >= 1):
+      raise DataError("data.packing_ratio", f"{self._packing_ratio} must be 0 (off) or >= 1, "
+                      "and only applies to IFT (CPT documents are always packed whole)")
     if self.regime == "cpt":
       self._mode = "split"
+    elif self._packing_ratio:
+      self._mode = "ratio"
     else:
       self._mode = "whole" if bool(cfg_get(data_cfg, "pack", True)) else "single"
     workers = int(cfg_get(data_cfg, "num_workers", 0))
@@ -136,8 +144,12 @@ class BatchIterator:
     if num_epochs != 1:
       ds = ds.repeat(num_epochs)
     ds = ds.map(self._encode)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    it = PackIterDataset(it, self.seq_len, self._tokenizer.pad_id, self._mode)
+    if self._mode == "ratio":
+      it = RatioPackIterDataset(ds, self.seq_len, self._tokenizer.pad_id, self.batch_size,
+                                self._packing_ratio)
+    else:
+      it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+      it = PackIterDataset(it, self.seq_len, self._tokenizer.pad_id, self._mode)
     if workers > 0:
       _ensure_absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -158,9 +170,12 @@ class BatchIterator:
     return dict(self._stats)
 
   def _fingerprint(self) -> dict[str, Any]:
-    return {"seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
-            "process_index": self.process_index, "process_count": self.process_count,
-            "num_records": len(self._records), "mode": self._mode}
+    out = {"seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
+           "process_index": self.process_index, "process_count": self.process_count,
+           "num_records": len(self._records), "mode": self._mode}
+    if self._mode == "ratio":
+      out["packing_ratio"] = self._packing_ratio
+    return out
 
   def get_state(self) -> dict[str, Any]:
     return {"version": _STATE_VERSION, "config": self._fingerprint(),
