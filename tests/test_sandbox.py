@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lora_jax.evals import sandbox
+from lora_jax import sandbox
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ sandbox process is left (per-run uid or marker), no run directory is left, the s
 
 Checks that depend on an OS protection (read-only mounts, network namespace, ...) are asserted
 only where `sandbox_info()` reports the protection as active; the test output says which.
-`LORA_JAX_SANDBOX_REPEATS` sets how often the slow test repeats the suite (default 100).
+`LORA_JAX_SANDBOX_REPEATS` sets how often the slow test repeats the suite (default 3; the README's
+100x soak run is opt-in).
 """
 
 import hashlib
@@ -21,7 +22,7 @@ import time
 
 import pytest
 
-from lora_jax.evals import sandbox
+from lora_jax import sandbox
 
 WRONG = ("\n\ndef add(a, b):\n  return a - b\n\n"
          "def check(candidate):\n  assert candidate(2, 3) == 5\n\ncheck(add)\n")
@@ -213,7 +214,7 @@ def test_hostile_suite(ctx):
 
 @pytest.mark.slow
 def test_hostile_suite_repeated(ctx):
-  repeats = int(os.environ.get("LORA_JAX_SANDBOX_REPEATS", "100"))
+  repeats = int(os.environ.get("LORA_JAX_SANDBOX_REPEATS", "3"))
   workers = max(4, min(16, os.cpu_count() or 1))
   elapsed, n, _ = run_suite(ctx, repeats=repeats, workers=workers, timeout_s=1.0)
   print(f"\nhostile suite x{repeats}: {n * repeats} runs in {elapsed:.1f}s "

@@ -3,7 +3,7 @@
 A problem is a jsonl row with `task_id`, `prompt`, `test`, `entry_point` (and, in the official
 file, `canonical_solution`). The program that is executed is, as in openai/human-eval,
 `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, in the sandbox
-(`lora_jax.evals.sandbox`). Completions are cut at the first stop sequence; the default list is
+(`lora_jax.sandbox`). Completions are cut at the first stop sequence; the default list is
 the bigcode-evaluation-harness one (`STOP_BIGCODE`), the original human-eval / Codex list is
 `STOP_HUMAN_EVAL`. Paper settings: pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix
 pass@k from n=256 at T=0.8.
@@ -19,8 +19,9 @@ import json
 import os
 from typing import Callable, Iterable, Mapping, Sequence
 
+from lora_jax import sandbox
 from lora_jax.data.errors import DataError, describe_type
-from lora_jax.evals import diversity, passk, results, sandbox, task_data
+from lora_jax.evals import diversity, passk, results, task_data
 from lora_jax.fileio import atomic_write_json
 
 TASK = "humaneval"

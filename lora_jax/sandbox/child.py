@@ -1,4 +1,4 @@
-"""Code that runs on the child side of the sandbox (see sandbox.py), kept as source strings.
+"""Code that runs on the child side of the sandbox (see run.py), kept as source strings.
 
 LAUNCHER_SRC runs as `python -I -S -c LAUNCHER_SRC '<json config>'` with the evaluator's
 privileges. It creates what namespaces it can, forks a child and waits for it:

@@ -1,0 +1,67 @@
+"""Run untrusted Python programs (model completions + unit tests) and decide pass / fail / timeout.
+
+Every program runs in a fresh `python -I` process, in its own temporary directory (cwd, HOME and
+TMPDIR), its own session, with stdin closed, a scrubbed environment, captured and size-capped
+stdout/stderr, and rlimits on address space, CPU time, file size, open files and processes.
+Where the OS allows it, a small launcher (started with the evaluator's interpreter) also puts the
+program into new network / PID / mount / IPC namespaces, remounts every filesystem read-only except
+the run directory, and, when the evaluator runs as root, switches to a per-run unprivileged uid (so
+RLIMIT_NPROC binds and every process the program leaves behind can be found and killed by uid).
+`sandbox_info()` says which of these protections are active; `run_program` refuses to run with
+fewer protections than the first probe found (no silent downgrade mid-evaluation).
+
+Modules: `probe` (which protections this machine allows), `run` (one program: launcher, pipes,
+cleanup, verdict), `process` (uid leases, finding and killing a run's processes), `rundir` (the
+per-run directory), `child` (the code that runs inside the sandbox), `result` (ExecResult).
+This module holds the entry points, `run_program` and `run_many`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Iterable
+
+from lora_jax.sandbox.probe import PROTECTIONS, sandbox_info
+from lora_jax.sandbox.process import MARKER_ENV, UID_BASE, UID_SLOTS, leaked_processes
+from lora_jax.sandbox.result import STATUSES, ExecResult, SandboxError
+from lora_jax.sandbox.run import execute
+from lora_jax.sandbox.rundir import RUN_PREFIX
+
+
+def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
+                cpu_s: float | None = None, max_procs: int = 32, max_open_files: int = 128,
+                file_size_mb: int = 16, output_limit: int = 1 << 16,
+                tmp_root: str | None = None, nice: int = 0) -> ExecResult:
+  """Run one program in the sandbox and say whether it ran to the end without an exception.
+
+  `timeout_s` is the wall-clock limit (launcher start-up included); `cpu_s` the CPU-time rlimit
+  in seconds, rounded up (default: timeout_s rounded up, plus 1); `memory_mb` the address-space
+  rlimit; `max_procs` the process/thread rlimit (for the per-run uid when root, else on top of
+  the user's current count); `file_size_mb` the largest file it may write; `output_limit` the
+  bytes of stdout/stderr kept. `tmp_root` is where the per-run directory is made (default: the
+  system temp dir; it must be traversable by other users when the evaluator runs as root).
+  `nice` > 0 lowers the program's CPU priority (kinder to other jobs on a shared machine).
+  """
+  info = sandbox_info()
+  plan = {"uid_switch": info["uid_switch"], "python": info["python"],
+          "namespaces": info["namespaces_enabled"],
+          "require": {k: info[k] for k in PROTECTIONS if k != "uid_switch"}}
+  res, _ = execute(source, plan, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s,
+                   max_procs=max_procs, max_open_files=max_open_files,
+                   file_size_mb=file_size_mb, output_limit=output_limit, tmp_root=tmp_root,
+                   nice=nice)
+  return res
+
+
+def run_many(programs: Iterable[str], *, workers: int = 2, **kwargs) -> list[ExecResult]:
+  """`run_program` over many programs with `workers` in parallel; results in input order."""
+  programs = list(programs)
+  sandbox_info()  # probe once, before the threads start
+  if workers <= 1:
+    return [run_program(p, **kwargs) for p in programs]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    return list(pool.map(lambda p: run_program(p, **kwargs), programs))
+
+
+__all__ = ["ExecResult", "SandboxError", "run_program", "run_many", "sandbox_info",
+           "leaked_processes", "STATUSES", "MARKER_ENV", "RUN_PREFIX", "UID_BASE", "UID_SLOTS"]
