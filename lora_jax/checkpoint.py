@@ -14,10 +14,8 @@ The last `keep` checkpoints are kept, plus the best one by an eval metric when g
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -27,31 +25,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lora_jax import fileio
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------- small files
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, bytes):
-    return {"__bytes_b64__": base64.b64encode(x).decode()}
-  raise TypeError(f"not JSON serializable: {type(x).__name__}")
-
-
-def _json_hook(d):
-  if set(d) == {"__bytes_b64__"}:
-    return base64.b64decode(d["__bytes_b64__"])
-  return d
-
-
 def dumps(x: Any) -> str:
-  return json.dumps(x, indent=2, sort_keys=True, default=_json_default)
+  """The format of config.json and the checkpoint's JSON items."""
+  return fileio.dumps(x, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- data state handler
@@ -70,7 +53,7 @@ class DataStateHandler(ocp.CheckpointHandler):
     if not f.exists():
       raise FileNotFoundError(f"{f}: no data-iterator state for this process (was the run "
                               f"saved with a different number of processes?)")
-    return json.loads(f.read_text(), object_hook=_json_hook)
+    return fileio.loads(f.read_text())
 
   def metadata(self, directory):
     return None
@@ -129,12 +112,6 @@ def fingerprint_from_sums(tree: Any, sums: Any) -> str:
   return h.hexdigest()[:16]
 
 
-def tree_fingerprint(tree: Any) -> str:
-  """A short hash of a params pytree's exact bits (paths, shapes, dtypes, values), computed on
-  device and independent of how the arrays are sharded."""
-  return fingerprint_from_sums(tree, jax.jit(fingerprint_sums)(tree))
-
-
 # --------------------------------------------------------------------------- manager
 def _best_fn(metrics):
   return float(metrics["best"])
@@ -165,7 +142,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          best: float | None = None) -> bool:
   args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                             data=DataStateSave(data_state),
-                            meta=ocp.args.JsonSave(json.loads(dumps(meta))))
+                            meta=ocp.args.JsonSave(fileio.jsonable(meta)))
   metrics = {"best": best} if best is not None else None
   return manager.save(step, args=args, metrics=metrics, force=True)
 

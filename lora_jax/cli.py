@@ -37,12 +37,7 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     if argv_command is not None and name != argv_command:
       sub.add_parser(name, help="(see `lora-jax %s --help`)" % name)
       continue
-    try:
-      mod = _load(name)
-    except ModuleNotFoundError as e:
-      if not e.name or not e.name.startswith("lora_jax.commands"):
-        raise
-      continue  # command not implemented yet
+    mod = _load(name)
     p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
     mod.add_arguments(p)
     p.set_defaults(_run=mod.run)

@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from lora_jax import fileio
+
 METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per device, matched by substring of `device.device_kind` (lower case).
@@ -71,15 +73,6 @@ def device_memory_bytes() -> int | None:
   return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
-def _json_value(x):
-  """Non-finite floats become null: strict JSON has no NaN / Infinity."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  if isinstance(x, dict):
-    return {k: _json_value(v) for k, v in x.items()}
-  return x
-
-
 class MetricsWriter:
   """Appends metric records to metrics.jsonl and TensorBoard; a tqdm bar when stdout is a TTY.
 
@@ -109,7 +102,6 @@ class MetricsWriter:
   def truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
-    from lora_jax.fileio import atomic_write_text
     with open(self.path) as f:
       lines = [ln for ln in f if ln.strip()]
     keep = []
@@ -120,14 +112,14 @@ class MetricsWriter:
       except json.JSONDecodeError:
         continue  # a torn last line from a crash
     if len(keep) != len(lines):
-      atomic_write_text(self.path, "".join(keep))
+      fileio.atomic_write_text(self.path, "".join(keep))
 
   def write(self, record: dict[str, Any]) -> None:
     self.history.append(record)
     if not self.enabled:
       return
     with open(self.path, "a") as f:
-      f.write(json.dumps(_json_value(record), allow_nan=False) + "\n")
+      f.write(fileio.dumps(record, nonfinite="null") + "\n")
       f.flush()
     step = record.get("step", 0)
     if self._tb is not None:

@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
-from typing import Any
 
 import numpy as np
 
 from lora_jax.analysis.analyze import Analysis
-from lora_jax.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from lora_jax.fileio import atomic_write_bytes, atomic_write_json
 
 SPECTRA_FILE = "spectra.npz"
 ANALYSIS_FILE = "analysis.json"
-
-
-def _jsonable(x: Any):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-  return x
 
 
 def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -> dict[str, str]:
@@ -43,7 +27,8 @@ def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -
   doc = {"meta": analysis.meta, "summary": analysis.summary(), "rows": analysis.rows}
   if extra:
     doc.update(extra)
-  atomic_write_text(paths["analysis"], json.dumps(_jsonable(doc), indent=1) + "\n")
+  # strict JSON, keeping the sign of an infinite norm ratio
+  atomic_write_json(paths["analysis"], doc, indent=1, nonfinite="strict")
   return paths
 
 

@@ -47,11 +47,6 @@ def _svals_LxK(w_LxMxN):
   return jax.vmap(svals)(_f32(w_LxMxN))
 
 
-@jax.jit
-def _svd_LxK(w_LxMxN):
-  return jax.vmap(lambda w: jnp.linalg.svd(w, full_matrices=False))(_f32(w_LxMxN))
-
-
 def singular_values(w_MxN) -> np.ndarray:
   """Singular values [K] (K = min(M, N)), descending, of one matrix (float32 compute)."""
   return np.asarray(_svals_LxK(np.asarray(w_MxN)[None]))[0]
@@ -60,12 +55,6 @@ def singular_values(w_MxN) -> np.ndarray:
 def singular_values_stacked(w_LxMxN) -> np.ndarray:
   """Singular values [L, K] of a stack of same-shaped matrices (one vmapped SVD)."""
   return np.asarray(_svals_LxK(w_LxMxN))
-
-
-def svd_stacked(w_LxMxN):
-  """Thin SVD of a stack: (u [L, M, K], s [L, K], vh [L, K, N]) as numpy arrays."""
-  u, s, vh = _svd_LxK(w_LxMxN)
-  return np.asarray(u), np.asarray(s), np.asarray(vh)
 
 
 @jax.jit
@@ -213,5 +202,5 @@ def normalized_spectrum(s) -> np.ndarray:
 
 def compiled_shapes() -> dict[str, int]:
   """Number of cached executables per jitted SVD entry point (jit's cache is keyed by shape)."""
-  return {f.__name__: f._cache_size() for f in (_svals_LxK, _svd_LxK, _pair_LxK, _lora_pair_LxK,
+  return {f.__name__: f._cache_size() for f in (_svals_LxK, _pair_LxK, _lora_pair_LxK,
                                                 _factor_svals_LxR, _factor_svd_LxR)}

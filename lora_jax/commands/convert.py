@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 def _base_name(args, kind, native) -> str:
   """What a later PEFT export should name as the base model."""
   from lora_jax.interop import peft
-  from lora_jax.interop._fs import read_json
+  from lora_jax.fileio import read_json
   if kind == "hf":
     return os.path.abspath(args.src)
   if kind == "lora-jax":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import numpy as np
 
-from lora_jax.analysis.io import atomic_write_text
 from lora_jax.demo.verdict import verdict_lines
+from lora_jax.fileio import atomic_write_json
 from lora_jax.report import plots
 
 FIGURES = {
@@ -23,18 +21,8 @@ FIGURES = {
 
 def write_results(results: dict, out_dir: str) -> str:
   path = os.path.join(out_dir, "results.json")
-  atomic_write_text(path, json.dumps(results, indent=1, default=_jsonable) + "\n")
+  atomic_write_json(path, results, indent=1)
   return path
-
-
-def _jsonable(x: Any):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serializable: {type(x)}")
 
 
 def plot_label(run: dict) -> str:

@@ -19,7 +19,7 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
-from lora_jax.fileio import atomic_write_json, atomic_write_text, json_default
+from lora_jax.fileio import atomic_write_json, atomic_write_text, dumps
 
 FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")
 RESULTS_FILE = "results.json"
@@ -79,13 +79,13 @@ def build_results(entries: Sequence[Mapping], *, model: str, adapter: str | None
 
 def write_results(out_dir: str, results: Mapping) -> str:
   path = os.path.join(out_dir, RESULTS_FILE)
-  atomic_write_json(path, results, indent=2, allow_nan=True)
+  atomic_write_json(path, results, indent=2)
   return path
 
 
 def write_samples(out_dir: str, task: str, rows: Iterable[Mapping]) -> str:
   path = os.path.join(out_dir, f"samples_{task}.jsonl")
-  atomic_write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
+  atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
   return path
 
 

@@ -73,15 +73,6 @@ def find_file(data_dir: str | None, rel: str) -> str | None:
   return None
 
 
-def eval_file(data_dir: str | None, task: str) -> str:
-  """The task's eval-split file; FileNotFoundError naming the expected path and format."""
-  rel = DATA_FILES[task][0]
-  path = find_file(data_dir, rel)
-  if path is None:
-    raise FileNotFoundError(missing_message(data_dir, task, rel))
-  return path
-
-
 def fewshot_file(data_dir: str | None, task: str) -> str | None:
   rel = DATA_FILES[task][1]
   return find_file(data_dir, rel) if rel else None

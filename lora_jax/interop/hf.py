@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.config import LlamaConfig
-from lora_jax.interop._fs import atomic_dir, listed, read_json, write_json
+from lora_jax.fileio import atomic_dir, listed, read_json, write_json
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

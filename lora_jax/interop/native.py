@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LlamaConfig
-from lora_jax.interop._fs import atomic_dir, read_json, write_json
+from lora_jax.fileio import atomic_dir, read_json, write_json
 from lora_jax.lora import LoraConfig
 
 META_FILE = "lora_jax.json"

@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.config import LlamaConfig
-from lora_jax.interop._fs import atomic_dir, listed, read_json, write_json
+from lora_jax.fileio import atomic_dir, listed, read_json, write_json
 from lora_jax.interop.hf import SUPPORTED_DTYPES, read_header, read_tensor
 from lora_jax.lora import (ALL_MODULES, ATTENTION_MODULES, LORA_LEAVES, MLP_MODULES,
                            LoraConfig)
