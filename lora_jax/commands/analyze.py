@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from lora_jax.commands import argtypes
+
 HELP = ("Spectral analysis of W_ft - W_base per layer and module (rank@p of the variance, effective "
         "rank, relative norm, optional intruder dimensions): spectra.npz, analysis.json, plots.")
 
@@ -14,15 +16,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--base", required=True, help="base model: HF directory or lora-jax checkpoint")
   p.add_argument("--finetuned", required=True,
                  help="finetuned model: HF directory, lora-jax checkpoint, or PEFT adapter directory")
-  p.add_argument("--out", required=True, help="output directory (e.g. <run>/analysis)")
+  p.add_argument("--out", required=True, type=argtypes.output_dir, help="output directory (e.g. <run>/analysis)")
   p.add_argument("--modules", default="all",
                  help="comma-separated modules (q_proj,...,down_proj) or attention / mlp / all")
-  p.add_argument("--layers", default="", help="comma-separated layer indices (default: all)")
-  p.add_argument("--variance", type=float, default=0.9,
+  p.add_argument("--layers", default=None, type=argtypes.int_list, help="comma-separated layer indices (default: all)")
+  p.add_argument("--variance", type=argtypes.probability, default=0.9,
                  help="fraction p of sum(s^2) for rank@p (default 0.9, as the paper)")
   p.add_argument("--intruders", action="store_true",
                  help="also count intruder dimensions (Shuttleworth et al. 2024)")
-  p.add_argument("--intruder-k", type=int, default=10, help="top-k singular vectors examined")
+  p.add_argument("--intruder-k", type=argtypes.positive_int, default=10, help="top-k singular vectors examined")
   p.add_argument("--intruder-eps", type=float, default=0.5, help="cosine similarity threshold")
   p.add_argument("--layer-batch", type=int, default=0,
                  help="layers per vmapped SVD call (default: as many as fit in 256 MiB)")
@@ -52,13 +54,9 @@ def _summary_lines(result) -> list[str]:
 def run(args: argparse.Namespace) -> int:
   from lora_jax import analysis
 
-  layers = [int(x) for x in args.layers.split(",") if x.strip()] or None
-  if not 0 < args.variance <= 1:
-    print(f"lora-jax analyze: --variance must be in (0, 1], got {args.variance}", file=sys.stderr)
-    return 2
   try:
     result = analysis.analyze(
-        args.base, args.finetuned, modules=args.modules, layers=layers, variance=args.variance,
+        args.base, args.finetuned, modules=args.modules, layers=args.layers, variance=args.variance,
         intruders=args.intruders, intruder_k=args.intruder_k, intruder_eps=args.intruder_eps,
         layer_batch=args.layer_batch or None, progress=not args.quiet)
   except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:

@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from lora_jax.commands import argtypes
+
 HELP = ("Evaluate a model (HF dir, lora-jax checkpoint, or base + PEFT adapter) on humaneval, "
         "gsm8k, hellaswag, arc_challenge, arc_easy, winogrande, piqa and forgetting.")
 
@@ -22,14 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tasks", default="humaneval,gsm8k,forgetting",
                  help=f"comma-separated, from {','.join(ALL_TASKS)} "
                       "(forgetting = hellaswag + arc_challenge + winogrande and their mean)")
-  p.add_argument("--data-dir", default=None,
+  p.add_argument("--data-dir", default=None, type=argtypes.existing_dir,
                  help="eval data root; expected files are listed in lora_jax/evals/task_data.py "
                       "(e.g. gsm8k/test.jsonl, hellaswag/validation.jsonl)")
-  p.add_argument("--out", required=True, help="output directory for results.json and samples")
-  p.add_argument("--limit", type=int, default=None, help="first N examples of every task")
+  p.add_argument("--out", required=True, type=argtypes.output_dir,
+                 help="output directory for results.json and samples")
+  p.add_argument("--limit", type=argtypes.positive_int, default=None,
+                 help="first N examples of every task")
   p.add_argument("--tokenizer", default=None,
                  help="'byte', a tokenizer.json / .model, or a dir (default: the model dir)")
-  p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+  p.add_argument("--batch-size", type=argtypes.positive_int, default=8, help="sequences per forward pass")
   p.add_argument("--num-fewshot", default="",
                  help="per-task shots, e.g. 'arc_challenge=25,winogrande=0' (defaults: gsm8k 5, "
                       "hellaswag 0, arc 3, winogrande 5, piqa 0)")
@@ -43,12 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=_DTYPES, default=None,
                  help="cast params and compute in this dtype (default: params as stored, float32 "
                       "compute)")
-  p.add_argument("--gsm8k-max-new-tokens", type=int, default=256)
-  p.add_argument("--humaneval-samples", type=int, default=50, help="n per problem (paper: 50)")
-  p.add_argument("--humaneval-temperature", type=float, default=0.2)
-  p.add_argument("--humaneval-top-p", type=float, default=0.95)
-  p.add_argument("--max-new-tokens", type=int, default=512, help="HumanEval completion budget")
-  p.add_argument("--workers", type=int, default=2, help="HumanEval sandbox processes")
+  p.add_argument("--gsm8k-max-new-tokens", type=argtypes.positive_int, default=256)
+  p.add_argument("--humaneval-samples", type=argtypes.positive_int, default=50,
+                 help="n per problem (paper: 50)")
+  p.add_argument("--humaneval-temperature", type=argtypes.non_negative_float, default=0.2)
+  p.add_argument("--humaneval-top-p", type=argtypes.probability, default=0.95)
+  p.add_argument("--max-new-tokens", type=argtypes.positive_int, default=512,
+                 help="HumanEval completion budget")
+  p.add_argument("--workers", type=argtypes.positive_int, default=2,
+                 help="HumanEval sandbox processes")
   p.add_argument("--step", type=int, default=None, help="training step recorded in results.json")
   p.add_argument("--tokens", type=int, default=None,
                  help="training tokens recorded in results.json")
@@ -56,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_fewshot(spec: str) -> dict[str, int]:
+  """'arc_challenge=25,winogrande=0' -> {task: shots}; an unknown task name is an error."""
+  from lora_jax.evals.runner import DEFAULT_FEWSHOT
   out = {}
   for part in (s.strip() for s in spec.split(",")):
     if not part:
@@ -63,6 +72,9 @@ def parse_fewshot(spec: str) -> dict[str, int]:
     task, sep, k = part.partition("=")
     if not sep or not k.strip().isdigit():
       raise ValueError(f"--num-fewshot: expected task=k, got {part!r}")
+    if task.strip() not in DEFAULT_FEWSHOT:
+      raise ValueError(f"--num-fewshot: unknown task {task.strip()!r}; tasks with shots: "
+                       f"{', '.join(sorted(DEFAULT_FEWSHOT))}")
     out[task.strip()] = int(k)
   return out
 

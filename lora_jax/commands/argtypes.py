@@ -1,0 +1,81 @@
+"""argparse `type=` validators shared by the subcommands.
+
+A bad value is rejected while the command line is parsed, before any model or data is loaded, as
+one line `lora-jax CMD: error: argument --flag: ...` with exit code 2 (argparse's own convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def positive_int(text: str) -> int:
+  """An integer >= 1 (a count: --limit, --workers, --batch-size ...)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
+
+
+def non_negative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not value >= 0:  # also rejects nan
+    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+  return value
+
+
+def probability(text: str) -> float:
+  """A number in (0, 1] (top-p, a variance fraction)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+  return value
+
+
+def int_list(text: str) -> list[int] | None:
+  """'0,3,5' -> [0, 3, 5]; '' -> None (all). Every item a non-negative integer."""
+  items = [s.strip() for s in text.split(",") if s.strip()]
+  bad = [s for s in items if not s.isdigit()]
+  if bad:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated non-negative integers, got {', '.join(map(repr, bad))}")
+  return [int(s) for s in items] or None
+
+
+def _is_url(text: str) -> bool:
+  """gs://, s3://, ... paths are checked by the filesystem layer when they are opened."""
+  return "://" in text
+
+
+def existing_dir(text: str) -> str:
+  """A directory that exists (an input root such as --data-dir)."""
+  if _is_url(text):
+    return text
+  path = os.path.expanduser(text)
+  if not os.path.exists(path):
+    raise argparse.ArgumentTypeError(f"{text}: no such directory")
+  if not os.path.isdir(path):
+    raise argparse.ArgumentTypeError(f"{text}: not a directory")
+  return path
+
+
+def output_dir(text: str) -> str:
+  """An output directory: it may exist as a directory, never as a file (checked before any work)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+  if _is_url(text):
+    return text
+  path = os.path.expanduser(text)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
+  return path
