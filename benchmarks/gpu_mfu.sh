@@ -36,7 +36,7 @@ import json, os, statistics, time
 import jax
 import numpy as np
 from lora_jax.metrics import peak_flops_per_device, train_flops_per_token
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 from lora_jax.train import Trainer
 
 B, L, STEPS = int(os.environ["BATCH"]), 2048, int(os.environ["STEPS"])

@@ -45,7 +45,7 @@ def _tokens(spec: dict):
 
 # --------------------------------------------------------------------------- jax worker
 def _jax_config(spec: dict, mode: str):
-  from lora_jax.run_config import default_config
+  from lora_jax.config import default_config
   c = default_config()
   c.output_dir = "/tmp/lora_jax_bench_unused"
   c.model.preset = spec["preset"]

@@ -3,7 +3,7 @@
   lora-jax train --config configs/tiny_full.py --config.output_dir=/tmp/tiny_full
 """
 
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 
 def get_config():

@@ -133,12 +133,14 @@ def job_from_args(args: argparse.Namespace) -> Job:
     return Job([command], [os.path.basename(command[0])], env, stage)
 
   sys.path.insert(0, REPO_ROOT)
-  from lora_jax import sweep  # the launcher runs from a checkout with lora-jax installed
+  # The launcher runs from a checkout with lora-jax installed.
+  from lora_jax import config
+  from lora_jax.experiments import sweep
 
   params = sweep.parse_params(args.set_params)
   if args.bucket:
     bucket = args.bucket.rstrip("/")
-    module = sweep.load_module(args.sweep)
+    module = config.load_module(args.sweep)
     dataset = module.DATA["path"].split("/")[0]
     params = {"out": f"{bucket}/runs", "model_root": f"{STAGE_ROOT}/models",
               "data_root": f"{STAGE_ROOT}/data", **params}

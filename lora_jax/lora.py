@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from lora_jax.config.errors import require
+
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
@@ -53,20 +55,20 @@ class LoraConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "targets", _as_targets(self.targets))
-    if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool) or self.rank < 1:
-      raise ValueError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
-    if self.alpha is not None and not self.alpha > 0:
-      raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-    if self.init not in _INITS:
-      raise ValueError(f"lora.init must be one of {_INITS}, got {self.init!r}")
-    if not self.targets:
-      raise ValueError("lora.targets is empty; name modules (q_proj, ...) or 'attention'/'mlp'/'all'")
+    # ConfigError is a ValueError that names the run-config key (lora.rank, ...).
+    rank_is_int = isinstance(self.rank, (int, np.integer)) and not isinstance(self.rank, bool)
+    require(rank_is_int, "lora.rank", f"must be an integer, got {self.rank!r}")
+    require(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank!r}")
+    require(self.alpha is None or self.alpha > 0, "lora.alpha",
+            f"must be > 0, got {self.alpha!r}")
+    require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
+    require(self.init in _INITS, "lora.init", f"must be one of {_INITS}, got {self.init!r}")
+    require(bool(self.targets), "lora.targets",
+            "is empty; name modules (q_proj, ...) or 'attention'/'mlp'/'all'")
     for t in self.targets:
-      if t not in SHORTHANDS and t not in ALL_MODULES:
-        raise ValueError(f"lora.targets: {t!r} matches no module; valid names are "
-                         f"{list(ALL_MODULES)} and shorthands {sorted(SHORTHANDS)}")
+      require(t in SHORTHANDS or t in ALL_MODULES, "lora.targets",
+              f"{t!r} matches no module; valid names are {list(ALL_MODULES)} and shorthands "
+              f"{sorted(SHORTHANDS)}")
 
   @property
   def lora_alpha(self) -> float:

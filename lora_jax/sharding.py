@@ -10,16 +10,18 @@ stays replicated, so the same code runs on 1 CPU device, 8 fake CPU devices and 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_jax.run_config import MESH_AXES, mesh_shape
+from lora_jax.config.errors import require
 
 log = logging.getLogger(__name__)
 
+MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
@@ -31,6 +33,34 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("lora_rank", None),
 )
+
+
+def mesh_axis_sizes(mesh_cfg: Mapping) -> list[int]:
+  """The configured (data, fsdp, tensor) sizes; ConfigError naming mesh.* unless each is >= 1 or
+  -1 (the remaining devices) and at most one is -1."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  for a, s in zip(MESH_AXES, sizes):
+    require(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
+  free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  require(len(free) <= 1, f"mesh.{free[-1] if free else 'data'}",
+          f"at most one mesh axis may be -1, got {free}")
+  return sizes
+
+
+def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with the -1 resolved; ConfigError naming mesh.* if it cannot fit."""
+  sizes = mesh_axis_sizes(mesh_cfg)
+  known = math.prod(s for s in sizes if s != -1)
+  desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if -1 in sizes:
+    require(num_devices % known == 0, "mesh",
+            f"{desc}: the {num_devices} devices are not divisible by the fixed axes' product "
+            f"{known}")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+  total = math.prod(sizes)
+  require(total == num_devices, "mesh",
+          f"{desc}: mesh.data*fsdp*tensor = {total} does not match the {num_devices} devices")
+  return tuple(sizes)
 
 
 def make_mesh(mesh_cfg: Mapping | None = None, devices: Sequence[Any] | None = None) -> Mesh:
@@ -66,11 +96,6 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
     used.update(flat)
     out.append(axes)
   return P(*out)
-
-
-def _is_axes(x) -> bool:
-  return isinstance(x, P) or (isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
-                                                           for a in x))
 
 
 def tree_shardings(shapes: Any, logical_axes: Any, mesh: Mesh, rules=RULES) -> Any:

@@ -39,7 +39,7 @@ import numpy as np
 
 from lora_jax import checkpoint as ckpt
 from lora_jax import fileio
-from lora_jax import run_config as rc
+from lora_jax import config as rc
 from lora_jax import sharding
 from lora_jax.config import LlamaConfig
 from lora_jax.lora import combine_params

@@ -11,7 +11,6 @@ Benchmarks: `t = Trainer(cfg, total_steps=n); t.init_state(); metrics = t.step(h
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -21,36 +20,15 @@ import ml_collections
 import numpy as np
 
 from lora_jax import checkpoint as ckpt
-from lora_jax import run_config as rc
+from lora_jax import config as rc
 from lora_jax import sharding
-from lora_jax.config import LlamaConfig, preset
+from lora_jax.config import model_config_from
 from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
                            trainable_labels)
 from lora_jax.model import Llama, init_params, param_logical_axes, param_shapes
 from lora_jax.optim import make_optimizer
 from lora_jax.train_state import (BATCH_KEYS, TrainState, init_train_state, make_train_step,
                                   state_shardings)
-
-
-# --------------------------------------------------------------------------- model config
-def model_config_from(cfg: ml_collections.ConfigDict) -> LlamaConfig:
-  """LlamaConfig of the run: preset or HF config.json, + model.overrides and numerics."""
-  m = cfg.model
-  if m.hf_path:
-    path = os.path.join(m.hf_path, "config.json")
-    try:
-      with open(path) as f:
-        base = LlamaConfig.from_hf(json.load(f))
-    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, or missing keys
-      raise rc.ConfigError("model.hf_path", f"{path}: {e}") from None
-  else:
-    base = preset(m.preset)
-  overrides = dict(m.overrides.to_dict() if hasattr(m.overrides, "to_dict") else m.overrides)
-  try:
-    return base.replace(**overrides, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                        attention_dropout=m.attention_dropout)
-  except (TypeError, ValueError) as e:
-    raise rc.ConfigError("model.overrides", str(e)) from None
 
 
 # --------------------------------------------------------------------------- trainer

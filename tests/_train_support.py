@@ -13,7 +13,7 @@ import tempfile
 import jax
 import numpy as np
 
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 # Every train() builds fresh jitted closures; the persistent cache turns their identical
 # recompilations (seconds each on a loaded CPU) into disk reads. Subprocesses get it via env.

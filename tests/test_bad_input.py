@@ -35,7 +35,7 @@ def _train(tmp_path, capsys, *args, config=fs.TINY_LORA):
 # --------------------------------------------------------------------------- configs
 def _config_file(tmp_path, body: str):
   path = tmp_path / "cfg.py"
-  path.write_text("from lora_jax.run_config import default_config\n"
+  path.write_text("from lora_jax.config import default_config\n"
                   "def get_config():\n  c = default_config()\n  c.train.steps = 2\n"
                   f"{body}  return c\n")
   return path

@@ -8,7 +8,7 @@ import pytest
 
 from lora_jax.data import DataError, encode_cpt_example, load_records, make_batch_iterator
 from lora_jax.data.tokenizers import ByteTokenizer
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 TOK = ByteTokenizer()
 KEYS = {"tokens", "positions", "segment_ids", "loss_mask"}

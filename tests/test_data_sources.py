@@ -12,7 +12,7 @@ import pytest
 
 from lora_jax.data import DataError, encode_ift_example, load_records, make_batch_iterator
 from lora_jax.data.tokenizers import ByteTokenizer
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 TOK = ByteTokenizer()

@@ -238,8 +238,8 @@ def test_prepare_data_dry_run(capsys):
 
 
 def test_prepare_data_layout_matches_the_configs():
-  from lora_jax import sweep
+  from lora_jax import config
   for regime, (_, sub, *_rest) in prepare.DATASETS.items():
-    module = sweep.load_module(os.path.join(ROOT, "configs", "paper", f"{regime}.py"))
+    module = config.load_module(os.path.join(ROOT, "configs", "paper", f"{regime}.py"))
     assert f"data/{module.DATA['path'].split('/')[0]}" == sub
     assert module.DATA["hf_dataset"].split(":")[0] == prepare.DATASETS[regime][0]

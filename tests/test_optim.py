@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from lora_jax import optim
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 
 def _sched(**kw):

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from lora_jax import run_config, sweep
+from lora_jax import config
 from lora_jax.config import PRESETS
+from lora_jax.experiments import sweep
 
 PAPER = os.path.join(os.path.dirname(__file__), "..", "configs", "paper")
 REGIMES = ("code_cpt", "math_cpt", "code_ift", "math_ift")
@@ -29,14 +30,14 @@ def model_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def modules():
-  return {r: sweep.load_module(path_of(r)) for r in REGIMES}
+  return {r: config.load_module(path_of(r)) for r in REGIMES}
 
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_default_variant_loads_as_the_train_cli_does(regime, model_root):
-  cfg = run_config.load_config(path_of(regime), [f"model.hf_path={model_root}/Llama-2-7b-hf"])
-  run_config.validate_config(cfg)
-  run_config.validate_config(cfg, num_devices=32)  # e.g. a v5p-64 slice: 32 chips, FSDP
+  cfg = config.load_config(path_of(regime), [f"model.hf_path={model_root}/Llama-2-7b-hf"])
+  config.validate_config(cfg)
+  config.validate_config(cfg, num_devices=32)  # e.g. a v5p-64 slice: 32 chips, FSDP
   assert cfg.model.preset == "llama2_7b"
   assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
   assert cfg.mesh.fsdp == -1 and cfg.mesh.data == 1
@@ -50,7 +51,7 @@ def test_every_sweep_run_validates(regime, modules, model_root):
   sweep.validate_runs(runs, num_devices=32)  # e.g. v5p-64: 32 chips
   sweep.validate_runs(runs[:3], num_devices=64)  # v5p-128 also divides the batch
   too_many = 512 if regime == "math_ift" else 128  # 768 / 192 rows do not split that many ways
-  with pytest.raises(run_config.ConfigError, match="train.global_batch"):
+  with pytest.raises(config.ConfigError, match="train.global_batch"):
     sweep.validate_runs(runs[:1], num_devices=too_many)
 
 
@@ -107,8 +108,7 @@ def test_cpt_schedule_budget_and_checkpoints(modules):
     assert steps[0] == math.ceil(0.25e9 / (192 * 4096)) == 318
     assert steps[-1] == 25432 and steps == sorted(steps)
     assert m.get_config("tokens=4e9").train.token_budget == 4_000_000_000
-    if "keep_steps" in run_config.default_config().train:  # the schema's milestone key
-      assert c.train.keep_steps == ",".join(str(s) for s in steps)
+    assert c.train.keep_steps == ",".join(str(s) for s in steps)
 
 
 def test_ift_schedule_and_epochs(modules):
@@ -120,8 +120,7 @@ def test_ift_schedule_and_epochs(modules):
     assert c.schedule.warmup_fraction == 0.1 and c.schedule.alpha_f == 0.01
     assert c.train.epochs == 4.0 and not c.train.token_budget
     assert m.EPOCHS == (1, 2, 4, 8, 16)
-    if "keep_steps" in run_config.default_config().train:
-      assert c.train.keep_steps == ""  # IFT: one run per epoch count, exported at the end
+    assert c.train.keep_steps == ""  # IFT: one run per epoch count, exported at the end
     assert m.get_config("pack=true").data.pack
 
 

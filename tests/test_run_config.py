@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lora_jax import run_config as rc
+from lora_jax import config as rc
+from lora_jax.sharding import mesh_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LORA = os.path.join(ROOT, "configs", "tiny_lora.py")
@@ -93,17 +94,17 @@ def test_length_and_batch_rules():
 
 
 def test_mesh_shape_resolution():
-  assert rc.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
-  assert rc.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  assert mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
   with pytest.raises(rc.ConfigError, match="mesh"):
-    rc.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
   with pytest.raises(rc.ConfigError, match="mesh"):
-    rc.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+    mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
 
 
 def test_config_file_with_unknown_key_is_rejected(tmp_path):
   path = tmp_path / "bad.py"
-  path.write_text("from lora_jax.run_config import default_config\n"
+  path.write_text("from lora_jax.config import default_config\n"
                   "def get_config():\n  c = default_config()\n  c.train.stepz = 3\n  return c\n")
   with pytest.raises(rc.ConfigError) as e:
     rc.load_config(str(path))

@@ -1,5 +1,5 @@
-"""lora_jax.sweep and `lora-jax sweep`: expansion counts, overrides that reproduce each variant,
-deduplication, filtering, the dry-run listing and sequential execution."""
+"""lora_jax.experiments.sweep and `lora-jax sweep`: expansion counts, overrides that reproduce
+each variant, deduplication, filtering, the dry-run listing and sequential execution."""
 
 import json
 import os
@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from lora_jax import cli, run_config, sweep
+from lora_jax import cli, config
+from lora_jax.experiments import sweep
 
 PAPER = os.path.join(os.path.dirname(__file__), "..", "configs", "paper")
 
@@ -42,12 +43,12 @@ def test_default_group_is_main_and_groups_concatenate():
 
 
 def test_overrides_reproduce_each_variant():
-  module = sweep.load_module(paper("code_ift"))
+  module = config.load_module(paper("code_ift"))
   runs = sweep.expand_sweep(paper("code_ift"), ["main", "regularization", "lr"])
   for run in runs[::7]:
     overrides = [f"{k}={sweep.format_value(v)}" for k, v in run.overrides.items()]
-    loaded = run_config.load_config(run.config_path, overrides)
-    assert run_config.flatten(loaded) == run_config.flatten(module.get_config(run.variant))
+    loaded = config.load_config(run.config_path, overrides)
+    assert config.flatten(loaded) == config.flatten(module.get_config(run.variant))
 
 
 def test_paper_values_in_the_commands():
@@ -90,15 +91,15 @@ def test_default_run_still_names_its_output_dir():
 
 
 def test_format_value_round_trips_through_apply_override():
-  cfg = run_config.default_config()
+  cfg = config.default_config()
   for key, value in [("optimizer.lr", 2e-05), ("lora.enabled", False), ("train.token_budget",
                      20_000_000_000), ("data.path", "gs://b/x/*.parquet"), ("train.epochs", 4.0)]:
-    run_config.apply_override(cfg, key, sweep.format_value(value))
-    assert run_config.flatten(cfg)[key] == value
+    config.apply_override(cfg, key, sweep.format_value(value))
+    assert config.flatten(cfg)[key] == value
 
 
 TINY = textwrap.dedent("""
-    from lora_jax.run_config import default_config
+    from lora_jax.config import default_config
 
     def get_config(arg=None):
       c = default_config()

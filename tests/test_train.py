@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_jax import run_config as rc
+from lora_jax import config as rc
 from lora_jax.lora import LORA_LEAVES, count_params, tree_bytes
 from lora_jax.model import init_params
 from lora_jax.config import preset

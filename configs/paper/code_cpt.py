@@ -9,7 +9,7 @@ checkpoints at 0.25, 0.5, 1, 2, 4, 8, 10, 16 and 20B tokens (CHECKPOINT_TOKENS).
   lora-jax sweep --config configs/paper/code_cpt.py --dry-run
 """
 
-from lora_jax import paper_regimes as common
+from lora_jax.experiments import paper_regimes as common
 
 NAME = "code_cpt"
 KIND = "cpt"

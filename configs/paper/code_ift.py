@@ -9,7 +9,7 @@ Also the regularization comparison: full FT with weight decay 5e-5 / 1e-4 or att
   lora-jax sweep --config configs/paper/code_ift.py --groups main,regularization --dry-run
 """
 
-from lora_jax import paper_regimes as common
+from lora_jax.experiments import paper_regimes as common
 
 NAME = "code_ift"
 KIND = "ift"

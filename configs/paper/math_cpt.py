@@ -10,7 +10,7 @@ OpenWebMath has 14.7B tokens: the data loader repeats it to reach the budget.
   lora-jax sweep --config configs/paper/math_cpt.py --dry-run
 """
 
-from lora_jax import paper_regimes as common
+from lora_jax.experiments import paper_regimes as common
 
 NAME = "math_cpt"
 KIND = "cpt"

@@ -7,7 +7,7 @@ LionW (0.9, 0.95), clip 1.0; LR full FT 1e-5, LoRA 1e-4 (r=256: 5e-5); 1, 2, 4, 
   lora-jax sweep --config configs/paper/math_ift.py --dry-run
 """
 
-from lora_jax import paper_regimes as common
+from lora_jax.experiments import paper_regimes as common
 
 NAME = "math_ift"
 KIND = "ift"

@@ -35,11 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from lora_jax import sweep
+  from lora_jax import config
+  from lora_jax.experiments import sweep
 
   try:
     if args.list_groups:
-      module = sweep.load_module(args.config)
+      module = config.load_module(args.config)
       defaults = sweep.default_groups(module)
       for name, variants in sweep.sweep_groups(module).items():
         mark = " (default)" if name in defaults else ""

@@ -23,18 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   original = parser.parse_known_args
 
   def parse_known_args(args=None, namespace=None):
+    from lora_jax.config import split_overrides
     namespace, extras = original(args, namespace)
-    overrides, rest, i = [], [], 0
-    while i < len(extras):
-      word = extras[i]
-      if word.startswith("--config."):
-        if "=" not in word and i + 1 < len(extras) and not extras[i + 1].startswith("--"):
-          word = f"{word}={extras[i + 1]}"
-          i += 1
-        overrides.append(word)
-      else:
-        rest.append(word)
-      i += 1
+    overrides, rest = split_overrides(extras)
     namespace.overrides = getattr(namespace, "overrides", None) or []
     namespace.overrides.extend(overrides)
     return namespace, rest
@@ -48,7 +39,7 @@ def _eval_fn(cfg):
     return None
   import os
 
-  from lora_jax import run_config as rc
+  from lora_jax import config as rc
   from lora_jax.evals.runner import EvalOptions, check_data, expand_tasks, run_evals
   from lora_jax.train import model_config_from, open_tokenizer
   try:
@@ -75,7 +66,7 @@ def _eval_fn(cfg):
 
 
 def run(args) -> int:
-  from lora_jax import run_config as rc
+  from lora_jax import config as rc
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
   # basicConfig is a no-op when something (absl, via an earlier orbax import) configured the root

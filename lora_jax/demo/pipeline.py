@@ -25,12 +25,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lora_jax import run_config as rc
+from lora_jax import config as rc
 from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.demo.data import ExampleBatches
 from lora_jax.demo.domains import SourceDomain, TargetDomain
 from lora_jax.demo.evaluate import DemoEvaluator
-from lora_jax.trainer import model_config_from
 
 log = logging.getLogger("lora_jax.demo")
 
@@ -214,7 +213,7 @@ class Demo:
     key = s.base_key()
     cfg = run_config(s, base_dir, steps=s.pretrain_steps, lr=s.pretrain_lr, spec=None,
                      optimizer="adamw")
-    self.model_config = model_config_from(cfg)
+    self.model_config = rc.model_config_from(cfg)
     self.evaluator = DemoEvaluator(self.model_config, self.tokenizer, self.source_eval,
                                    self.target_eval)
     params = None

@@ -13,7 +13,6 @@ the schema. Nothing here imports JAX.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -21,15 +20,16 @@ import subprocess
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-from lora_jax import run_config
+from lora_jax import config
 
 TRAIN_PROGRAM = ("lora-jax", "train")
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-  """One training run: its name and the overrides on top of the config file's default
-  (`output_dir` is always among them)."""
+class PlannedRun:
+  """One training run still to launch: its name and the overrides on top of the config file's
+  default (`output_dir` is always among them). A finished run, read back from its directory, is
+  `lora_jax.report.Run`."""
   name: str
   overrides: dict[str, Any]
   config_path: str = ""
@@ -51,7 +51,7 @@ class Run:
 
 
 def format_value(value: Any) -> str:
-  """Text that `lora_jax.run_config.apply_override` reads back as `value`."""
+  """Text that `lora_jax.config.apply_override` reads back as `value`."""
   if isinstance(value, bool):
     return "true" if value else "false"
   if isinstance(value, float):
@@ -59,20 +59,7 @@ def format_value(value: Any) -> str:
   return str(value)
 
 
-# ------------------------------------------------------------------------------ config modules
-def load_module(config_path: str):
-  """The config file at `config_path` as a module (not registered in sys.modules)."""
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no config file at {config_path!r}")
-  name = "_lora_jax_sweep_" + re.sub(r"\W", "_", os.path.abspath(config_path))
-  spec = importlib.util.spec_from_file_location(name, config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{config_path} defines no get_config()")
-  return module
-
-
+# ------------------------------------------------------------------------------ sweep files
 def sweep_groups(module) -> dict[str, list[str]]:
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{module.__file__} defines no get_sweep(); it has no sweep")
@@ -113,10 +100,10 @@ def merge_variant(variant: str, params: dict[str, str]) -> str:
 
 def config_overrides(base, cfg) -> dict[str, Any]:
   """{dotted key: value} that turns config `base` into `cfg`; keys must exist in the schema."""
-  fb, fc = run_config.flatten(base), run_config.flatten(cfg)
+  fb, fc = config.flatten(base), config.flatten(cfg)
   unknown = sorted(set(fc) - set(fb))
   if unknown:
-    raise run_config.ConfigError(unknown[0], "unknown config key (not in the base config)")
+    raise config.ConfigError(unknown[0], "unknown config key (not in the base config)")
   out: dict[str, Any] = {}
   for key, value in fc.items():
     if key == "model.overrides":
@@ -139,13 +126,13 @@ def _name(module, variant: str, index: int) -> str:
 
 def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
                  variants: Iterable[str] | None = None, params: dict[str, str] | None = None,
-                 match: str | None = None, extra: Iterable[str] = ()) -> list[Run]:
+                 match: str | None = None, extra: Iterable[str] = ()) -> list[PlannedRun]:
   """The runs of `groups` (default: the file's DEFAULT_GROUPS, else "main") of the sweep in
   `config_path`, or of the explicit `variants`. `params` are variant keys set on every run
   (e.g. {"data_root": "gs://b/data"}); runs that become identical collapse into one. `match` is
   a regex on run names. `extra` are raw "key=value" config overrides added to every run (e.g.
   "train.microbatches=4"), checked against the schema."""
-  module = load_module(config_path)
+  module = config.load_module(config_path)
   extra = _check_extra(extra)
   params = dict(params or {})
   if variants is not None:
@@ -157,20 +144,20 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
       if g not in available:
         raise ValueError(f"{config_path}: no sweep group {g!r}; groups: {sorted(available)}")
     todo = [(g, v) for g in names for v in available[g]]
-  base = module.get_config()
+  base = config.call_get_config(module)
   pattern = re.compile(match) if match else None
-  runs: list[Run] = []
-  seen: dict[str, Run] = {}
+  runs: list[PlannedRun] = []
+  seen: dict[str, PlannedRun] = {}
   for i, (group, variant) in enumerate(todo):
     variant = merge_variant(variant, params)
     name = _name(module, variant, i)
     if pattern and not pattern.search(name):
       continue
-    cfg = module.get_config(variant)
+    cfg = config.call_get_config(module, variant)
     overrides = config_overrides(base, cfg)
     overrides["output_dir"] = cfg.output_dir  # always explicit: launchers and logs read it
     overrides.update(extra)
-    run = Run(name=name, overrides=overrides, config_path=config_path, group=group,
+    run = PlannedRun(name=name, overrides=overrides, config_path=config_path, group=group,
               variant=variant)
     if name in seen:
       if seen[name].overrides != overrides:
@@ -183,28 +170,26 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
 
 
 def _check_extra(extra: Iterable[str]) -> dict[str, str]:
+  """{key: value text} of raw overrides, each checked against the schema (key and type)."""
   out: dict[str, str] = {}
-  probe = run_config.default_config()
+  probe = config.default_config()
   for item in extra:
-    item = item[len("--config."):] if item.startswith("--config.") else item
-    if "=" not in item:
-      raise run_config.ConfigError(item, "override must look like key=value")
-    key, text = item.split("=", 1)
-    run_config.apply_override(probe, key, text)  # unknown key or bad type: ConfigError
+    key, text = config.parse_override(item)
+    config.apply_override(probe, key, text)
     out[key] = text
   return out
 
 
-def validate_runs(runs: Iterable[Run], **validate_kwargs) -> None:
+def validate_runs(runs: Iterable[PlannedRun], **validate_kwargs) -> None:
   """Loads each run exactly as `lora-jax train` would and validates it (ConfigError names the
   run and key)."""
   for run in runs:
     overrides = [f"{k}={format_value(v)}" for k, v in run.overrides.items()]
-    cfg = run_config.load_config(run.config_path, overrides)
+    cfg = config.load_config(run.config_path, overrides)
     try:
-      run_config.validate_config(cfg, **validate_kwargs)
-    except run_config.ConfigError as e:
-      raise run_config.ConfigError(e.key, f"run {run.name}: {e}") from None
+      config.validate_config(cfg, **validate_kwargs)
+    except config.ConfigError as e:
+      raise config.ConfigError(e.key, f"run {run.name}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ running
@@ -213,8 +198,9 @@ def local_program() -> list[str]:
   return [sys.executable, "-m", "lora_jax.cli", "train"]
 
 
-def run_sequentially(runs: Sequence[Run], *, call: Callable[[list[str]], int] | None = None,
-                     keep_going: bool = False, log: Callable[[str], None] = print) -> int:
+def run_sequentially(runs: Sequence[PlannedRun], *,
+                     call: Callable[[list[str]], int] | None = None, keep_going: bool = False,
+                     log: Callable[[str], None] = print) -> int:
   """Runs each training run in its own process, in order; 0 if all succeeded. A run that was
   preempted or killed resumes from its output_dir when the sweep is started again."""
   call = call or subprocess.call

@@ -32,7 +32,7 @@ import math
 import types
 from typing import Any, Iterable
 
-from lora_jax.run_config import default_config
+from lora_jax.config import default_config
 
 # ------------------------------------------------------------------------------ shared settings
 MODEL_PRESET = "llama2_7b"
