@@ -68,6 +68,19 @@ def test_eval_cli_end_to_end(hf_model, data_dir, tmp_path, capsys):
   rows = [json.loads(line) for line in open(os.path.join(out, "samples_gsm8k.jsonl"))]
   assert len(rows) == 3 and rows[0]["prompt"].count("Question:") == 3
   assert "hellaswag" in capsys.readouterr().out
+  # BOS follows the tokenizer (the byte tokenizer adds one) and says so
+  assert results["bos"] == {"add_bos": True, "source": "tokenizer", "tokenizer_add_bos": True}
+  assert all(e["settings"]["add_bos"] is True for e in results["results"]
+             if e["task"] == "hellaswag")
+
+
+def test_bos_flags_override_the_tokenizer():
+  import argparse
+  from lora_jax.commands import evaluate
+  p = argparse.ArgumentParser()
+  evaluate.add_arguments(p)
+  base = ["--model", "m", "--out", "o"]
+  assert [p.parse_args(base + f).bos for f in ([], ["--bos"], ["--no-bos"])] == [None, True, False]
 
 
 def test_eval_cli_missing_data_lists_expected_file(hf_model, tmp_path, capsys):

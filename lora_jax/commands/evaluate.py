@@ -41,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mc-metric", choices=("acc", "acc_norm", "acc_per_token"), default=None,
                  help="headline metric of every multiple-choice task (default: acc_norm for "
                       "hellaswag/arc/piqa, acc for winogrande); all three are always reported")
-  p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+  p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                 help="prepend the BOS token to every request (default: as the tokenizer does, "
+                      "its add_bos_token / post-processor; lm-eval adds none to log-likelihood "
+                      "requests, so --no-bos matches its default); recorded in results.json")
   p.add_argument("--merge-lora", action="store_true",
                  help="fold LoRA into the kernels first (default: apply it unmerged)")
   p.add_argument("--dtype", choices=_DTYPES, default=None,
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = expand_tasks(args.tasks)
     options = EvalOptions(
         data_dir=args.data_dir, limit=args.limit, num_fewshot=parse_fewshot(args.num_fewshot),
-        batch_size=args.batch_size, fewshot_seed=args.fewshot_seed, add_bos=not args.no_bos,
+        batch_size=args.batch_size, fewshot_seed=args.fewshot_seed, add_bos=args.bos,
         mc_headline=args.mc_metric, merge_lora=args.merge_lora,
         gsm8k_max_new_tokens=args.gsm8k_max_new_tokens,
         humaneval_samples=args.humaneval_samples,

@@ -1,8 +1,12 @@
 """Tokenizers behind one small interface: byte-level (tests, demo), HF tokenizer.json, SentencePiece.
 
 Every tokenizer has `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str`,
-`bos_id`, `eos_id`, `pad_id` and `vocab_size`. `load_tokenizer(spec)` takes "byte", a
-`tokenizer.json` path, a SentencePiece `.model` path, or a directory holding either.
+`bos_id`, `eos_id`, `pad_id`, `vocab_size` and `add_bos`: whether the tokenizer itself prepends
+BOS when asked for special tokens (HF's `tokenizer(text)`), read from `tokenizer_config.json`'s
+`add_bos_token` when the directory has one, else from tokenizer.json's post-processor (a BOS in
+its single-sequence template); a bare SentencePiece model follows HF's LlamaTokenizer (True).
+`load_tokenizer(spec)` takes "byte", a `tokenizer.json` path, a SentencePiece `.model` path, or a
+directory holding either.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ class Tokenizer(Protocol):
   eos_id: int
   pad_id: int
   vocab_size: int
+  add_bos: bool
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -28,6 +33,7 @@ class ByteTokenizer:
   pad_id, bos_id, eos_id = 0, 1, 2
   offset = 3
   vocab_size = 256 + 3
+  add_bos = True
   name = "byte"
 
   def encode(self, text: str) -> list[int]:
@@ -55,6 +61,13 @@ class HFTokenizer:
                            ("</s>", "<|end_of_text|>", "<|endoftext|>"), 2)
     pad = self._id(cfg.get("pad_token"), ("<pad>", "<unk>"), None)
     self.pad_id = self.eos_id if pad is None else pad
+    self.add_bos = cfg.get("add_bos_token", self._post_processor_adds(self.bos_id))
+
+  def _post_processor_adds(self, token_id: int) -> bool:
+    """Whether encoding with special tokens puts `token_id` first (TemplateProcessing, or any)."""
+    ids = self._tok.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == token_id and self._tok.encode(
+        "a", add_special_tokens=False).ids[:1] != [token_id]
 
   def _id(self, token, candidates, default):
     for t in ([token] if token else []) + list(candidates):
@@ -86,6 +99,7 @@ class SentencePieceTokenizer:
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else 2
     pad = self._sp.pad_id()
     self.pad_id = pad if pad >= 0 else self.eos_id
+    self.add_bos = _special_tokens_from_dir(os.path.dirname(path)).get("add_bos_token", True)
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text))
@@ -103,6 +117,8 @@ def _special_tokens_from_dir(d: str) -> dict:
     for k in ("bos_token", "eos_token", "pad_token"):
       v = cfg.get(k)
       out[k] = v.get("content") if isinstance(v, dict) else v
+    if isinstance(cfg.get("add_bos_token"), bool):
+      out["add_bos_token"] = cfg["add_bos_token"]
   return out
 
 

@@ -4,8 +4,10 @@ Results JSON (read by the report and the demo):
 
   {"model": str, "adapter": str | null, "step": int | null, "tokens": int | null,
    "results": [{"task", "metric", "value", "stderr", "n", "settings": {...}}, ...],
-   "headline": {task: value}}
+   "headline": {task: value},
+   "bos": {"add_bos": bool, "source": "tokenizer" | "--bos/--no-bos", "tokenizer_add_bos": bool}}
 
+`bos` (written by `runner.run_evals`) says whether requests started with BOS and why.
 `settings["headline_metric"]` names the metric that is the task's headline. `forgetting` is
 derived: the mean of the hellaswag, arc_challenge and winogrande headline accuracies (stderr from
 the three stderrs as if independent: sqrt(sum se^2) / 3). Per-sample rows go to

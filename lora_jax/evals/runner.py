@@ -35,7 +35,7 @@ class EvalOptions:
   num_fewshot: dict[str, int] = dataclasses.field(default_factory=dict)  # overrides
   batch_size: int = 8
   fewshot_seed: int = 1234                  # lm-eval's default few-shot seed
-  add_bos: bool = True
+  add_bos: bool | None = None               # None: the tokenizer's own setting (add_bos_token)
   mc_headline: str | None = None            # acc / acc_norm / acc_per_token for every MC task
   merge_lora: bool = False                  # fold LoRA into the kernels before evaluating
   gsm8k_max_new_tokens: int = 256           # lm-eval's max_gen_toks
@@ -102,8 +102,10 @@ class _Models:
   """Builds the Scorer and the generate_fn once, on first use."""
 
   def __init__(self, config, params, lora_config, tokenizer, options: EvalOptions, mesh):
+    from lora_jax.evals.scoring import resolve_add_bos
     self.args = (config, params, lora_config, tokenizer)
     self.options, self.mesh = options, mesh
+    self.add_bos = resolve_add_bos(tokenizer, options.add_bos)
     self._scorer = self._generate = None
 
   @property
@@ -115,7 +117,7 @@ class _Models:
         from lora_jax.lora import merge_lora
         params, lora = merge_lora(params, lora), None
       self._scorer = Scorer(config, params, lora, tok, batch_size=self.options.batch_size,
-                            add_bos=self.options.add_bos, mesh=self.mesh)
+                            add_bos=self.add_bos, mesh=self.mesh)
     return self._scorer
 
   @property
@@ -124,7 +126,7 @@ class _Models:
       from lora_jax.generate import make_generate_fn
       self._generate = make_generate_fn(*self.args, batch_size=self.options.batch_size,
                                         mesh=self.mesh, merge=self.options.merge_lora,
-                                        add_bos=self.options.add_bos,
+                                        add_bos=self.add_bos,
                                         progress=self.options.progress)
     return self._generate
 
@@ -171,6 +173,9 @@ def run_evals(config: Any, params: Any, lora_config: Any, tokenizer: Any,
       log(f"{task}: {head['metric']} = {head['value']:.4f} ± {head['stderr']:.4f} "
           f"(n={head['n']}, {seconds:.1f}s)")
   results = res.build_results(entries, model=model, adapter=adapter, step=step, tokens=tokens)
+  results["bos"] = {"add_bos": models.add_bos,
+                    "source": "tokenizer" if options.add_bos is None else "--bos/--no-bos",
+                    "tokenizer_add_bos": getattr(tokenizer, "add_bos", None)}
   if out_dir:
     res.write_results(out_dir, results)
   return results

@@ -5,9 +5,12 @@ number of continuation tokens, and whether greedy decoding would have produced e
 
 Tokenization (lm-eval `_encode_pair`): trailing whitespace of the context moves onto the
 continuation; context + continuation is encoded whole and split where the context's own tokens
-end, so a merge across the boundary is counted in the continuation. A BOS token is prepended when
-the tokenizer has one (`add_bos`); with no BOS and an empty context the EOS token stands in, as
-lm-eval's prefix token. Over-long inputs keep their last `max_length` tokens.
+end, so a merge across the boundary is counted in the continuation. `add_bos` prepends the BOS token (when the tokenizer has one); it defaults to the
+tokenizer's own setting (`tokenizer.add_bos`: Llama-2's tokenizer adds BOS, as the MosaicML
+Gauntlet's requests then carry it), while lm-eval's HF model adds none to log-likelihood requests
+unless `add_bos_token=True`: with the same choice the two produce the same token ids. An empty
+context is lm-eval's prefix token alone: BOS, or EOS when the tokenizer has no BOS. Over-long
+inputs keep their last `max_length` tokens.
 
 Rows are sorted by length, right-padded (segment id 0) to a length bucket and a batch bucket, so
 one evaluation compiles a handful of shapes; `Scorer.trace_count` counts them.
@@ -49,12 +52,18 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
   whole = list(tokenizer.encode(context + continuation))
   ctx = list(tokenizer.encode(context)) if context else []
   cont = whole[len(ctx):]
+  bos = getattr(tokenizer, "bos_id", None)
   prefix: list[int] = []
-  if add_bos and getattr(tokenizer, "bos_id", None) is not None:
-    prefix = [int(tokenizer.bos_id)]
+  if add_bos and bos is not None:
+    prefix = [int(bos)]
   elif not ctx:
-    prefix = [int(tokenizer.eos_id)]
+    prefix = [int(tokenizer.eos_id if bos is None else bos)]
   return prefix + ctx, cont
+
+
+def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
+  """`add_bos` when given, else the tokenizer's own setting (True when it does not say)."""
+  return bool(getattr(tokenizer, "add_bos", True)) if add_bos is None else bool(add_bos)
 
 
 _SCORE_FNS: dict = {}
@@ -84,13 +93,13 @@ class Scorer:
   """Batched log-likelihoods for one model (LoRA leaves applied unmerged when present)."""
 
   def __init__(self, config: LlamaConfig, params: Any, lora_config: LoraConfig | None,
-               tokenizer: Any, *, batch_size: int = 8, add_bos: bool = True,
+               tokenizer: Any, *, batch_size: int = 8, add_bos: bool | None = None,
                max_length: int | None = None, mesh: Any = None):
     if lora_config is not None and not has_lora(params):
       lora_config = None
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.batch_size = int(batch_size)
-    self.add_bos = add_bos
+    self.add_bos = resolve_add_bos(tokenizer, add_bos)
     self.max_length = int(max_length or config.max_position_embeddings)
     self._sharding, self._multiple = None, 1
     if mesh is not None:
