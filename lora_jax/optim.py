@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.config.errors import ConfigError, require
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -97,7 +99,7 @@ def make_factor_schedule(sched_cfg, total_steps: int) -> Schedule:
                            sched_cfg.alpha_f_decay, sched_cfg.alpha_f_cooldown)
   if name == "constant":
     return constant_factor(w)
-  raise ValueError(f"schedule.name: unknown schedule {name!r}")
+  raise ConfigError("schedule.name", f"unknown schedule {name!r}")
 
 
 class ScheduledDecayState(NamedTuple):
@@ -140,9 +142,9 @@ def decoupled_adamw(lr: Schedule, factor: Schedule, b1: float = 0.9, b2: float =
 
 def make_optimizer(opt_cfg, sched_cfg, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Schedule]:
-  """(optimizer, lr_schedule) from the run config's `optimizer` and `schedule` sections."""
-  if total_steps < 1:
-    raise ValueError(f"train: the run has {total_steps} steps; it needs at least 1")
+  """(optimizer, lr_schedule) from the run config's `optimizer` and `schedule` sections: the one
+  place the optimizer is built from a config (ConfigError names the key at fault)."""
+  require(total_steps >= 1, "train.steps", f"the run has {total_steps} steps; it needs at least 1")
   factor = make_factor_schedule(sched_cfg, total_steps)
   peak = float(opt_cfg.lr)
   lr = lambda count: peak * factor(count)  # noqa: E731
@@ -151,7 +153,7 @@ def make_optimizer(opt_cfg, sched_cfg, total_steps: int
   elif opt_cfg.name == "adamw":
     tx = decoupled_adamw(lr, factor, opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.weight_decay)
   else:
-    raise ValueError(f"optimizer.name: unknown optimizer {opt_cfg.name!r}")
+    raise ConfigError("optimizer.name", f"unknown optimizer {opt_cfg.name!r}")
   if opt_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), tx)
   return tx, lr

@@ -3,13 +3,12 @@
 import math
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from lora_jax import optim
-from lora_jax.config import default_config
+from lora_jax.config import ConfigError, default_config
 
 
 def _sched(**kw):
@@ -86,12 +85,18 @@ def test_constant_with_and_without_warmup():
 
 
 def test_unknown_schedule_and_optimizer_name_the_key():
-  with pytest.raises(ValueError, match="schedule.name"):
+  with pytest.raises(ConfigError) as e:
     optim.make_factor_schedule(_sched(name="step"), 10)
+  assert e.value.key == "schedule.name"
   o = default_config().optimizer
   o.name = "sgd"
-  with pytest.raises(ValueError, match="optimizer.name"):
+  with pytest.raises(ConfigError) as e:
     optim.make_optimizer(o, _sched(), 10)
+  assert e.value.key == "optimizer.name"
+  o.name = "lionw"
+  with pytest.raises(ConfigError) as e:
+    optim.make_optimizer(o, _sched(), 0)
+  assert e.value.key == "train.steps"
 
 
 def _run(tx, params, grads_seq):
@@ -156,4 +161,3 @@ def test_make_optimizer_clips_global_norm_first():
 def test_warmup_steps_resolution():
   assert optim.num_warmup_steps(_sched(warmup_fraction=0.1), 95) == 10
   assert optim.num_warmup_steps(_sched(warmup_fraction=0.0, warmup_steps=7), 95) == 7
-  assert isinstance(default_config(), ml_collections.ConfigDict)

@@ -142,15 +142,18 @@ def test_data_sources_and_tokenizer(modules):
 
 
 def test_eval_settings(modules):
+  """Each regime names its eval tasks; the paper's settings are what `lora-jax eval` uses."""
+  from lora_jax.evals import runner
   for regime in ("code_cpt", "code_ift"):
-    he = modules[regime].EVAL["humaneval"]
-    assert (he["n_samples"], he["temperature"], he["top_p"]) == (50, 0.2, 0.95)
     assert modules[regime].get_config().eval.tasks == "humaneval,forgetting"
   for regime in ("math_cpt", "math_ift"):
-    assert modules[regime].EVAL["gsm8k"]["shots"] == 5
     assert modules[regime].get_config().eval.tasks == "gsm8k,forgetting"
-  for m in modules.values():
-    assert m.EVAL["forgetting"]["tasks"] == {"hellaswag": 0, "arc_challenge": 3, "winogrande": 5}
+  options = runner.EvalOptions()
+  assert (options.humaneval_samples, options.humaneval_temperature, options.humaneval_top_p) == (
+      50, 0.2, 0.95)
+  shots = {t: runner.num_fewshot(t, options) for t in runner.expand_tasks("gsm8k,forgetting")}
+  assert shots == {"gsm8k": 5, "hellaswag": 0, "arc_challenge": 3, "winogrande": 5,
+                   "forgetting": 0}
 
 
 def test_bad_variants_name_the_key(modules):

@@ -138,3 +138,49 @@ def test_cli_collects_config_overrides(capsys):
   assert rc_ == 0 and "lr: 0.0005" in out and "steps: 7" in out
   assert main(["train", "--config", TINY_LORA, "--config.optimizer.nope=1"]) == 2
   assert "optimizer.nope" in capsys.readouterr().err
+
+
+def test_split_overrides_takes_both_command_line_forms():
+  words = ["--config.a.b=1", "--config.c", "2", "--force", "--config.d", "--print-config", "x"]
+  assert rc.split_overrides(words) == (["a.b=1", "c=2", "d"], ["--force", "--print-config", "x"])
+  assert rc.parse_override("--config.a.b=x=y") == rc.parse_override("a.b=x=y") == ("a.b", "x=y")
+  with pytest.raises(rc.ConfigError) as e:
+    rc.parse_override("--config.d")
+  assert e.value.key == "d"
+
+
+@pytest.mark.parametrize("field, value, key", [
+    ("rank", 0, "lora.rank"), ("rank", 2.5, "lora.rank"), ("alpha", -1.0, "lora.alpha"),
+    ("dropout", 1.0, "lora.dropout"), ("init", "svd", "lora.init"),
+    ("targets", "q_proj,nope", "lora.targets")])
+def test_lora_config_errors_carry_the_key(field, value, key):
+  from lora_jax.lora import LoraConfig
+  with pytest.raises(rc.ConfigError) as e:
+    LoraConfig(**{field: value})
+  assert e.value.key == key
+
+
+def test_model_config_errors_name_the_key(tmp_path):
+  c = _valid()
+  c.model.overrides.num_key_value_heads = 3  # 4 query heads are not a multiple of 3
+  with pytest.raises(rc.ConfigError) as e:
+    rc.model_config_from(c)
+  assert e.value.key == "model.overrides"
+  (tmp_path / "config.json").write_text('{"vocab_size": 8}')  # missing required keys
+  c = _valid()
+  c.model.hf_path = str(tmp_path)
+  with pytest.raises(rc.ConfigError) as e:
+    rc.model_config_from(c)
+  assert e.value.key == "model.hf_path" and "config.json" in str(e.value)
+
+
+def test_mesh_is_checked_without_devices_too():
+  c = _valid()
+  c.mesh.data, c.mesh.fsdp = -1, -1
+  with pytest.raises(rc.ConfigError) as e:
+    rc.validate_config(c)
+  assert e.value.key == "mesh.fsdp" and "at most one" in str(e.value)
+  c.mesh.fsdp = 0
+  with pytest.raises(rc.ConfigError) as e:
+    rc.validate_config(c)
+  assert e.value.key == "mesh.fsdp"

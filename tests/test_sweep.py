@@ -140,6 +140,16 @@ def test_files_without_run_name_are_named_by_variant(tmp_path):
   assert [r.name for r in runs] == ["plain-rank-4", "plain-rank-8"]
 
 
+def test_sweep_files_load_like_train_configs(tmp_path):
+  """One loader: an error inside a sweep file names file:line, as for `lora-jax train`."""
+  path = tmp_path / "broken.py"
+  path.write_text(TINY.replace("c.train.steps = 2", "c.train.steps = undefined_name"))
+  with pytest.raises(config.ConfigError) as e:
+    sweep.expand_sweep(str(path))
+  line = TINY.splitlines().index("  c.train.steps = 2") + 1
+  assert e.value.key == "config" and f"broken.py:{line}: NameError" in str(e.value)
+
+
 def test_cli_dry_run_lists_commands(capsys):
   assert cli.main(["sweep", "--config", paper("code_ift"), "--dry-run",
                    "--groups", "main,regularization"]) == 0

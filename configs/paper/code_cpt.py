@@ -32,12 +32,9 @@ CHECKPOINT_EVERY = 500  # steps, for resuming (~1 h on a v5p-64); 25,432 steps i
 LR_SEARCH_BUDGET = {"tokens": 2e9}  # our choice: LR search at 2B tokens
 LR_GRID = {"full": (5e-6, 1e-5, 2e-5, 5e-5), "lora": (1e-5, 2e-5, 5e-5, 1e-4)}
 
-# Evaluation after training (lora-jax eval), per the paper's protocol.
-EVAL = {
-    "humaneval": {"n_samples": 50, "temperature": 0.2, "top_p": 0.95, "metric": "pass@1"},
-    "forgetting": {"tasks": {"hellaswag": 0, "arc_challenge": 3, "winogrande": 5},
-                   "scoring": "length-normalized log-likelihood"},
-}
+# Evaluated after training with `lora-jax eval --tasks humaneval,forgetting` (eval.tasks); the
+# paper's settings are lora-jax eval's defaults (lora_jax.evals.runner.EvalOptions).
+EVAL_TASKS = ("humaneval", "forgetting")
 
 
 get_config, run_name, get_sweep = common.entry_points(globals())

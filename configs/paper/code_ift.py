@@ -32,12 +32,9 @@ REGULARIZERS = ({"wd": 5e-5}, {"wd": 1e-4}, {"attn_dropout": 0.05}, {"attn_dropo
 # The paper plots these four full-FT models as single points; our notes do not say at which epoch
 # count, so the group lists every count (20 runs); pick some with `--filter 'ep4$'`.
 
-# Evaluation after training (lora-jax eval), per the paper's protocol.
-EVAL = {
-    "humaneval": {"n_samples": 50, "temperature": 0.2, "top_p": 0.95, "metric": "pass@1"},
-    "forgetting": {"tasks": {"hellaswag": 0, "arc_challenge": 3, "winogrande": 5},
-                   "scoring": "length-normalized log-likelihood"},
-}
+# Evaluated after training with `lora-jax eval --tasks humaneval,forgetting` (eval.tasks); the
+# paper's settings are lora-jax eval's defaults (lora_jax.evals.runner.EvalOptions).
+EVAL_TASKS = ("humaneval", "forgetting")
 
 
 def extra_sweep_groups(regime):

@@ -240,10 +240,10 @@ def build(regime: Any, arg: str | None = None):
     c.train.checkpoint_every = regime.CHECKPOINT_EVERY
   _set_keep_points(c, regime)
 
-  c.eval.tasks = ",".join(regime.EVAL)
+  c.eval.tasks = ",".join(regime.EVAL_TASKS)
   c.eval.data_dir = f"{p['data_root'].rstrip('/')}/eval"
   c.eval.limit = 0
-  c.train.eval_every = 0  # evaluation runs after training (`lora-jax eval`), see EVAL
+  c.train.eval_every = 0  # evaluation runs after training (`lora-jax eval`)
   return c
 
 
