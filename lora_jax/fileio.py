@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -123,17 +124,29 @@ def atomic_write_json(path: str, obj: Any, *, indent: int | None = 1, sort_keys:
 
 
 # --------------------------------------------------------------------------- atomic directories
-def check_replaceable(path: str, marker: str) -> None:
-  """Raises FileExistsError if `path` exists and is not an empty dir or a dir holding `marker`, so
-  a typo can never wipe an unrelated folder."""
+def _foreign_entries(path: str, owned: Sequence[str]) -> list[str] | None:
+  """Entries of an existing `path` that match none of the `owned` name patterns (None: no dir)."""
   if not os.path.lexists(path):
-    return
+    return None
   if not os.path.isdir(path) or os.path.islink(path):
     raise FileExistsError(f"{path}: exists and is not a directory; refusing to replace it")
-  entries = os.listdir(path)
-  if entries and marker not in entries:
-    raise FileExistsError(f"{path}: directory exists, is not empty and has no {marker}; "
-                          "refusing to replace it (choose a new output directory)")
+  return sorted(e for e in os.listdir(path)
+                if not any(fnmatch.fnmatchcase(e, pat) for pat in owned))
+
+
+def check_replaceable(path: str, owned: Sequence[str], overwrite: bool = False) -> list[str]:
+  """The foreign entries of `path` (files no writer of this kind makes), which are kept.
+
+  Raises FileExistsError if `path` is not a directory, or holds foreign entries and `overwrite` is
+  false: a directory is written into only when it is missing, empty or this writer's own previous
+  output, so a typo can never mix an export into (or wipe) an unrelated folder."""
+  foreign = _foreign_entries(path, owned)
+  if foreign and not overwrite:
+    raise FileExistsError(
+        f"{path}: directory holds files lora-jax did not write ({', '.join(foreign[:5])}"
+        f"{', ...' if len(foreign) > 5 else ''}); refusing to write into it. Choose a new "
+        "directory, or overwrite (--overwrite): lora-jax's files are replaced, the others kept")
+  return foreign or []
 
 
 def _umask() -> int:
@@ -142,20 +155,33 @@ def _umask() -> int:
   return mask
 
 
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.unlink(path)
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str, marker: str) -> Iterator[str]:
-  """Yields a temp dir; on success it replaces `path`, on error it is deleted. An existing `path`
-  is only replaced when it is empty or holds `marker` (the same kind of artifact)."""
+def atomic_dir(path: str, owned: Sequence[str], *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temp dir to build an export in; on success it becomes `path`, on error it is deleted.
+
+  `owned`: name patterns (fnmatch) of the top-level entries this kind of export writes, e.g.
+  ("config.json", "model*.safetensors*"). A missing, empty or own-output `path` is swapped for the
+  new dir in one rename (a reader sees the old or the new export, never a mix). A `path` holding
+  other files is refused unless `overwrite`; then each new entry is renamed in, stale owned entries
+  are removed, and every foreign file stays where it was."""
   path = os.path.abspath(path)
-  check_replaceable(path, marker)
+  check_replaceable(path, owned, overwrite)
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     yield tmp
     os.chmod(tmp, 0o777 & ~_umask())
-    check_replaceable(path, marker)
-    if os.path.lexists(path):
+    if check_replaceable(path, owned, overwrite):
+      _merge_into(tmp, path, owned)
+    elif os.path.lexists(path):
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       os.rmdir(old)
       os.rename(path, old)
@@ -170,6 +196,21 @@ def atomic_dir(path: str, marker: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _merge_into(tmp: str, path: str, owned: Sequence[str]) -> None:
+  """Moves the new export's entries from `tmp` into `path`, drops the owned entries it no longer
+  has (e.g. shards of an earlier, larger export) and keeps everything else."""
+  new = set(os.listdir(tmp))
+  for entry in sorted(new):
+    target = os.path.join(path, entry)
+    if os.path.isdir(target) and not os.path.islink(target):
+      shutil.rmtree(target)
+    os.replace(os.path.join(tmp, entry), target)
+  for entry in os.listdir(path):
+    if entry not in new and any(fnmatch.fnmatchcase(entry, pat) for pat in owned):
+      _remove(os.path.join(path, entry))
+  os.rmdir(tmp)
 
 
 def write_json(path: str, obj: Any) -> None:

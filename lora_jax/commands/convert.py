@@ -25,7 +25,11 @@ def parse_size(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("src", metavar="SRC",
                  help="HF dir (config.json + safetensors), lora-jax checkpoint, or PEFT adapter dir")
-  p.add_argument("dst", metavar="DST", help="output directory (replaced atomically)")
+  p.add_argument("dst", metavar="DST",
+                 help="output directory: new, empty, or an earlier output of the same format")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into a DST that holds other files: replace lora-jax's own files "
+                      "(config.json, weights) and keep the rest (tokenizer, README, ...)")
   p.add_argument("--to", choices=["hf", "lora-jax"], default=None,
                  help="output format (default: hf for a lora-jax checkpoint, else lora-jax)")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -44,14 +48,15 @@ def run(args: argparse.Namespace) -> int:
     config, params, lora = native.load_model(args.src, adapter=args.adapter, dtype=args.dtype)
     if to == "hf":
       out = hf.save_hf(args.dst, config, params, max_shard_bytes=args.max_shard_size,
-                       lora_config=lora)
+                       lora_config=lora, overwrite=args.overwrite)
       note = " (LoRA merged into the kernels)" if lora is not None else ""
     else:
       meta = {"source": os.path.abspath(args.src), "source_format": kind}
       base = _base_name(args, kind, native)
       if base:
         meta["base_model_name_or_path"] = base
-      out = native.save_checkpoint(args.dst, config, params, lora, metadata=meta)
+      out = native.save_checkpoint(args.dst, config, params, lora, metadata=meta,
+                                   overwrite=args.overwrite)
       note = f" (LoRA r={lora.rank}, kept as adapters)" if lora is not None else ""
   except (ValueError, OSError) as e:
     print(f"lora-jax convert: error: {e}", file=sys.stderr)

@@ -11,7 +11,11 @@ HELP = ("Export a lora-jax LoRA checkpoint as a PEFT adapter (adapter_config.jso
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("checkpoint", metavar="CHECKPOINT", help="lora-jax checkpoint dir with LoRA")
-  p.add_argument("out", metavar="OUT", help="PEFT adapter output dir (replaced atomically)")
+  p.add_argument("out", metavar="OUT",
+                 help="PEFT adapter output dir: new, empty, or an earlier adapter export")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into directories that hold other files: replace lora-jax's own "
+                      "files and keep the rest")
   p.add_argument("--base-model-name", default=None, metavar="NAME",
                  help="base_model_name_or_path to record (default: from the checkpoint)")
   p.add_argument("--merged-hf", default=None, metavar="DIR",
@@ -32,11 +36,13 @@ def run(args: argparse.Namespace) -> int:
     base = args.base_model_name
     if base is None:
       base = info.get("metadata", {}).get("base_model_name_or_path", "")
-    out = peft.save_peft(args.out, config, lora, params, base_model_name_or_path=base)
+    out = peft.save_peft(args.out, config, lora, params, base_model_name_or_path=base,
+                         overwrite=args.overwrite)
     print(f"wrote PEFT adapter {out} (r={lora.rank}, alpha={lora.lora_alpha:g}, "
           f"targets={','.join(lora.target_modules)}, base={base or '(unset)'})")
     if args.merged_hf:
-      merged = hf.save_hf(args.merged_hf, config, params, lora_config=lora)
+      merged = hf.save_hf(args.merged_hf, config, params, lora_config=lora,
+                           overwrite=args.overwrite)
       print(f"wrote merged HF model {merged}")
   except (ValueError, OSError) as e:
     print(f"lora-jax export-peft: error: {e}", file=sys.stderr)

@@ -30,6 +30,8 @@ from lora_jax.fileio import atomic_dir, listed, read_json, write_json
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# What save_hf writes (and so may replace): the config, the weights, their shards and index.
+OWNED_FILES = (CONFIG_FILE, SINGLE_FILE, "model-*-of-*.safetensors", INDEX_FILE)
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 # safetensors dtype tag <-> numpy dtype (bf16 via ml_dtypes, as jax uses).
@@ -378,11 +380,14 @@ def _check_params(config: LlamaConfig, flat: dict, what: str) -> None:
 
 
 def save_hf(path: str, config: LlamaConfig, params: Mapping,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, lora_config=None) -> str:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, lora_config=None,
+            overwrite: bool = False) -> str:
   """Writes `config.json` + `model.safetensors` (or shards + index) atomically; returns the path.
 
   Each tensor keeps its dtype (a `load_hf` round trip is bit-exact). Params with LoRA leaves are
   refused unless `lora_config` is given, in which case they are merged (W + scale A B) first.
+  A `path` holding files save_hf does not write (a tokenizer, a README) is refused unless
+  `overwrite`, which replaces only save_hf's own files and keeps the others (`fileio.atomic_dir`).
   """
   from lora_jax.lora import LORA_LEAVES, merge_lora
   if max_shard_bytes <= 0:
@@ -406,7 +411,7 @@ def save_hf(path: str, config: LlamaConfig, params: Mapping,
   dtype_name = str(np.dtype(flat[("embed_tokens", "embedding")].dtype))
   hf["torch_dtype"] = hf["dtype"] = dtype_name
   from safetensors.numpy import save_file
-  with atomic_dir(path, CONFIG_FILE) as tmp:
+  with atomic_dir(path, OWNED_FILES, overwrite=overwrite) as tmp:
     write_json(os.path.join(tmp, CONFIG_FILE), hf)
     weight_map = {}
     for name, shard in zip(names, shards):

@@ -28,6 +28,7 @@ from lora_jax.lora import LoraConfig
 
 META_FILE = "lora_jax.json"
 PARAMS_DIR = "params"
+OWNED_FILES = (META_FILE, PARAMS_DIR)  # what save_checkpoint writes (and so may replace)
 FORMAT = "lora-jax"
 FORMAT_VERSION = 1
 
@@ -51,7 +52,8 @@ def _config_from_json(cls, d: Any, file: str, key: str):
 
 
 def save_checkpoint(path: str, config: LlamaConfig, params: Mapping,
-                    lora_config: LoraConfig | None = None, metadata: dict | None = None) -> str:
+                    lora_config: LoraConfig | None = None, metadata: dict | None = None,
+                    *, overwrite: bool = False) -> str:
   """Writes a lora-jax checkpoint dir atomically; returns its absolute path.
 
   `metadata` (JSON-serializable) is stored as is, e.g. {"base_model_name_or_path": ...}.
@@ -64,7 +66,7 @@ def save_checkpoint(path: str, config: LlamaConfig, params: Mapping,
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": _config_to_json(config),
           "lora": None if lora_config is None else _config_to_json(lora_config),
           "metadata": dict(metadata or {})}
-  with atomic_dir(path, META_FILE) as tmp:
+  with atomic_dir(path, OWNED_FILES, overwrite=overwrite) as tmp:
     import orbax.checkpoint as ocp
     with _checkpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))

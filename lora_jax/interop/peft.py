@@ -31,6 +31,7 @@ from lora_jax.lora import (ALL_MODULES, ATTENTION_MODULES, LORA_LEAVES, MLP_MODU
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OWNED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what save_peft writes (and so may replace)
 _GROUP = {m: "self_attn" for m in ATTENTION_MODULES} | {m: "mlp" for m in MLP_MODULES}
 _KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+_proj)"
                      r"\.lora_(A|B)(?:\.default)?\.weight$")
@@ -97,7 +98,7 @@ def _kernel_shapes(params: Mapping) -> dict[tuple[int, str], tuple[int, int]]:
 
 
 def save_peft(path: str, config: LlamaConfig, lora_config: LoraConfig, params: Mapping,
-              base_model_name_or_path: str = "") -> str:
+              base_model_name_or_path: str = "", *, overwrite: bool = False) -> str:
   """Writes a PEFT adapter dir (atomically) from params holding LoRA leaves; returns the path."""
   where = f"save_peft({path})"
   if lora_config.init == "pissa":
@@ -135,7 +136,7 @@ def save_peft(path: str, config: LlamaConfig, lora_config: LoraConfig, params: M
   if errors:
     raise ValueError(f"{where}: params do not match lora_config:{listed(errors)}")
   from safetensors.numpy import save_file
-  with atomic_dir(path, ADAPTER_CONFIG) as tmp:
+  with atomic_dir(path, OWNED_FILES, overwrite=overwrite) as tmp:
     write_json(os.path.join(tmp, ADAPTER_CONFIG),
                adapter_config_dict(lora_config, base_model_name_or_path))
     save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
