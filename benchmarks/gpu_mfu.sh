@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_mfu.sh                 # batch 8, 10 timed steps; a few minutes
 #   BATCH=4 STEPS=5 OUT=/tmp/mfu.json bash benchmarks/gpu_mfu.sh
 #
-# Uses the real jitted step (`lora_jax.train.Trainer`): bf16 compute, f32 params and AdamW state,
+# Uses the real jitted step (`lora_jax.training.Trainer`): bf16 compute, f32 params and AdamW state,
 # global-norm clipping, LoRA r=16 on all 7 projections. MFU = model FLOPs per second (6N per token
 # for full FT, 4N + 2N_trainable for LoRA, plus attention; lora_jax.metrics) / the device's bf16
 # peak (lora_jax.metrics.PEAK_FLOPS, or PEAK_FLOPS=... to override). Target: >= 50% for full FT.
@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from lora_jax.metrics import peak_flops_per_device, train_flops_per_token
 from lora_jax.config import default_config
-from lora_jax.train import Trainer
+from lora_jax.training import Trainer
 
 B, L, STEPS = int(os.environ["BATCH"]), 2048, int(os.environ["STEPS"])
 MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,

@@ -77,7 +77,7 @@ def compiled_memory(preset_name: str, rank: int, batch: int, seq: int) -> dict:
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from train_step import _jax_config
-  from lora_jax.train import Trainer
+  from lora_jax.training import Trainer
 
   spec = {"preset": preset_name, "rank": rank, "dtype": "float32", "batch": batch, "seq": seq}
   out = {}
@@ -118,7 +118,7 @@ def rss_worker(kind: str, spec: dict) -> None:
     import jax
 
     from train_step import _jax_config
-    from lora_jax.train import Trainer
+    from lora_jax.training import Trainer
     base = rss_now()
     t = Trainer(_jax_config(spec, kind.split("_")[1]), total_steps=1000)
     t.init_state()

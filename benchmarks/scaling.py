@@ -29,7 +29,7 @@ def _contender(preset: str, mode: str, rank: int, batch: int, seq: int, warmup: 
   import numpy as np
 
   from lora_jax.metrics import train_flops_per_token
-  from lora_jax.train import Trainer
+  from lora_jax.training import Trainer
   from train_step import _jax_config
 
   spec = {"preset": preset, "dtype": "float32", "rank": rank, "batch": batch, "seq": seq}

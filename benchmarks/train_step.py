@@ -72,7 +72,7 @@ def jax_worker(spec: dict) -> None:
   import numpy as np
 
   from lora_jax.metrics import train_flops_per_token
-  from lora_jax.train import Trainer
+  from lora_jax.training import Trainer
 
   tokens = _tokens(spec)
   B, L = tokens.shape

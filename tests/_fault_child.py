@@ -40,19 +40,19 @@ def _step_of(directory) -> int | None:
 
 def install(spec: str) -> None:
   from lora_jax import checkpoint as ckpt
-  from lora_jax import train as train_lib
+  from lora_jax.training.setup import Trainer
   where, _, n = spec.partition(":")
   target = int(n)
 
   if where == "step":
-    step_fn = train_lib.Trainer.step
+    step_fn = Trainer.step
 
     def step(self, host_batch):
       if int(self.state.step) + 1 == target:
         _die(spec)
       return step_fn(self, host_batch)
 
-    train_lib.Trainer.step = step
+    Trainer.step = step
     return
 
   save_fn = ckpt.save
@@ -89,14 +89,14 @@ def install(spec: str) -> None:
 def slow_steps(seconds: float) -> None:
   import time
 
-  from lora_jax import train as train_lib
-  step_fn = train_lib.Trainer.step
+  from lora_jax.training.setup import Trainer
+  step_fn = Trainer.step
 
   def step(self, host_batch):
     time.sleep(seconds)
     return step_fn(self, host_batch)
 
-  train_lib.Trainer.step = step
+  Trainer.step = step
 
 
 def disk_full_at(target: int) -> None:

@@ -146,7 +146,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tm
 def _two_checkpoints(out):
   """An in-process 2-step run with checkpoints 1 and 2 (sync saves); returns train's args."""
   from _train_support import StandInData, tiny_cfg
-  from lora_jax.train import train
+  from lora_jax.training import train
   cfg = tiny_cfg(out, steps=2, checkpoint_every=1)
   train(cfg, data_iter=StandInData(8, 32))
   assert fs.committed_steps(out) == [1, 2]
@@ -179,7 +179,7 @@ def test_damaged_newest_checkpoint_falls_back_and_redoes_the_step(tmp_path, how,
 
 
 def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
-  from lora_jax.train import TrainingError
+  from lora_jax.training import TrainingError
   out = tmp_path / "run"
   cfg, again = _two_checkpoints(out)
   _damage(out / "checkpoints" / "1", "state metadata deleted")
@@ -301,10 +301,10 @@ def test_unwritable_output_dir_is_a_clear_error_before_training(tmp_path, capsys
 
 
 def test_too_little_disk_is_a_clear_error_before_training(tmp_path, capsys, monkeypatch):
-  import lora_jax.train as train_lib
   from lora_jax.cli import main
+  from lora_jax.training import resume
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(train_lib.shutil, "disk_usage",
+  monkeypatch.setattr(resume.shutil, "disk_usage",
                       lambda p: usage._replace(free=1000))
   rc = main(["train", "--config", fs.TINY_LORA, f"--config.output_dir={tmp_path / 'run'}",
              *fs.RUN_ARGS])

@@ -22,7 +22,7 @@ from lora_jax.config import preset
 from lora_jax.generate import Generator
 from lora_jax.lora import (LoraConfig, add_lora, split_params, tree_bytes, trainable_labels)
 from lora_jax.model import Llama, init_params
-from lora_jax.train_state import init_train_state, make_train_step
+from lora_jax.training.step import TrainState, make_train_step
 
 CFG = preset("tiny")  # D 64, F 176, H 4 x Dh 16, K 2, V 320
 B, L = 2, 24  # B * L = 48 tokens: no activation shape collides with a kernel shape
@@ -44,7 +44,7 @@ def _compiled(lora: bool):
     params = add_lora(params, CFG, LORA, jax.random.key(1))
   trainable, frozen = split_params(params, trainable_labels(params, lora_cfg))
   tx = optax.adamw(1e-3)
-  state = init_train_state(trainable, tx, 0)
+  state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
   step = make_train_step(Llama(CFG, lora_cfg), tx, lambda s: 1e-3, donate=False)
   return step.lower(state, frozen, _batch()).compile(), state, frozen
 

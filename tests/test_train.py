@@ -14,7 +14,7 @@ from lora_jax import config as rc
 from lora_jax.lora import LORA_LEAVES, count_params, tree_bytes
 from lora_jax.model import init_params
 from lora_jax.config import preset
-from lora_jax.train import EXIT_PREEMPTED, Trainer, TrainingError, load_run, train
+from lora_jax.training import EXIT_PREEMPTED, Trainer, TrainingError, restore_run, train
 
 from _train_support import StandInData, tiny_cfg
 
@@ -127,7 +127,7 @@ def test_resume_after_preemption_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(a[path], b[path])
   steps = [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4, 5, 6]
-  _, _, at3, _ = load_run(str(tmp_path / "a"), 3)
+  _, _, at3, _ = restore_run(str(tmp_path / "a"), 3)
   want = _flat(_host(first.params))
   for path, x in _flat(_host(at3)).items():
     np.testing.assert_array_equal(x, want[path])
@@ -223,12 +223,12 @@ def test_eval_fn_is_logged_and_best_checkpoint_kept(tmp_path):
   assert kept == [2, 6]  # best (min loss) + latest
 
 
-def test_exports_and_load_run(tmp_path):
+def test_exports_and_restore_run(tmp_path):
   cfg = tiny_cfg(tmp_path, steps=2, export="all")
   result = train(cfg, data_iter=StandInData(8, 32))
   assert set(result.exports) == {"adapter", "hf", "native"}
   # the training checkpoint reloads (base rebuilt from its pointer) to the same params
-  model_config, lora_config, params, meta = load_run(str(tmp_path))
+  model_config, lora_config, params, meta = restore_run(str(tmp_path))
   assert meta["step"] == 2 and lora_config == result.lora_config
   want_params = _flat(_host(result.params))
   for path, x in _flat(_host(params)).items():

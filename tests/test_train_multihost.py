@@ -21,7 +21,7 @@ if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
                              process_id=pid, initialization_timeout=300)
 logging.getLogger("absl").setLevel(logging.WARNING)
-from lora_jax.train import train
+from lora_jax.training import train
 from _train_support import StandInData, tiny_cfg
 cfg = tiny_cfg(out_dir, steps=3, export="adapter")
 result = train(cfg, data_iter=StandInData(8, 32, process_index=pid, process_count=nproc))

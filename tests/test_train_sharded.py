@@ -51,7 +51,7 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from lora_jax import sharding
-from lora_jax.train import Trainer
+from lora_jax.training import Trainer
 from _train_support import StandInData, tiny_cfg
 
 assert jax.device_count() == 8, jax.devices()

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
   from lora_jax.demo.pipeline import run_demo, settings_for
   from lora_jax.demo.verdict import summarize, verdict_lines
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  for name in ("lora_jax.train", "absl", "orbax"):
+  for name in ("lora_jax.training", "absl", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   ranks = _tuple(args.ranks, int)
   settings = settings_for(args.quick, seed=args.seed, optimizer=args.optimizer,

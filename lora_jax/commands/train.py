@@ -33,38 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.parse_known_args = parse_known_args
 
 
-def _eval_fn(cfg):
-  """eval_fn(step, params) running eval.tasks with lora_jax.evals (None without tasks)."""
-  if not cfg.eval.tasks or not cfg.train.eval_every:
-    return None
-  import os
-
-  from lora_jax import config as rc
-  from lora_jax.evals.runner import EvalOptions, check_data, expand_tasks, run_evals
-  from lora_jax.train import model_config_from, open_tokenizer
-  try:
-    tasks = expand_tasks(cfg.eval.tasks)
-    options = EvalOptions(data_dir=cfg.eval.data_dir or None, limit=cfg.eval.limit or None,
-                          progress=False)
-    check_data(tasks, options)  # missing eval files fail now, not after hours of training
-  except (ValueError, FileNotFoundError) as e:
-    raise rc.ConfigError("eval.tasks", str(e)) from None
-  model_config, lora = model_config_from(cfg), rc.lora_config(cfg)
-  tokenizer = open_tokenizer(cfg)
-  log = logging.getLogger("lora_jax.eval").info
-
-  def eval_fn(step, params):
-    results = run_evals(model_config, params, lora, tokenizer, tasks, options,
-                        out_dir=os.path.join(cfg.output_dir, "eval", f"step_{step}"), step=step,
-                        log=log)
-    out: dict = {}
-    for e in results["results"]:
-      out.setdefault(e["task"], {})[e["metric"]] = e["value"]
-    return out
-
-  return eval_fn
-
-
 def run(args) -> int:
   from lora_jax import config as rc
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,9 +50,9 @@ def run(args) -> int:
     print(cfg)
     return 0
   from lora_jax.data import DataError
-  from lora_jax.train import TrainingError, train
+  from lora_jax.training import TrainingError, train
   try:
-    result = train(cfg, eval_fn=_eval_fn(cfg), force=args.force)
+    result = train(cfg, force=args.force)  # eval.* runs inside train(), as from Python
   except rc.ConfigError as e:
     print(f"lora-jax train: config error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""In-memory IFT batches of demo `Example`s for `lora_jax.train.train(data_iter=...)`.
+"""In-memory IFT batches of demo `Example`s for `lora_jax.training.train(data_iter=...)`.
 
 Each example is encoded as the data pipeline encodes an IFT sample, without a prompt template:
 BOS + prompt (loss_mask 0) + response + EOS (loss_mask 1). Every epoch is a fresh permutation

@@ -206,7 +206,7 @@ class Demo:
 
   # -- phase 1
   def pretrain(self) -> Any:
-    from lora_jax.train import train
+    from lora_jax.training import train
     s, clock = self.s, Clock()
     base_dir = os.path.join(self.out, "base")
     cache = os.path.join(base_dir, "base_params.pkl")
@@ -246,7 +246,7 @@ class Demo:
   # -- phases 2 + 3
   def finetune(self, spec: RunSpec, base_params: Any, index: int, total: int,
                grid: bool = False) -> dict:
-    from lora_jax.train import train
+    from lora_jax.training import train
     s, clock = self.s, Clock()
     run_dir = os.path.join(self.out, "runs", spec.name)
     if os.path.isdir(run_dir):

@@ -33,10 +33,12 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # raw uint32 [2] key; step keys are fold_in(rng, step)
 
-
-def init_train_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros([], jnp.int32), trainable=trainable,
-                    opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+  @classmethod
+  def create(cls, trainable: Any, tx: optax.GradientTransformation, rng: jax.Array
+             ) -> "TrainState":
+    """The state before step 1: step 0, fresh optimizer state (traceable)."""
+    return cls(step=jnp.zeros([], jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+               rng=rng)
 
 
 def state_shardings(trainable_shardings: Any, tx: optax.GradientTransformation,
@@ -56,8 +58,8 @@ def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, jax.Array]
   """(sum of f32 cross-entropies over counted positions, number of counted positions).
 
   Targets are the tokens shifted left by one (rolled; the last position, which has no target,
-  never counts), so the [B, L, V] logits are used whole: slicing off their last position copied
-  them (2% of a bench-34M step on CPU).
+  never counts), so the [B, L, V] logits are used whole: slicing off their last position would
+  copy them.
   """
   tokens, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
   nxt = lambda x: jnp.roll(x, -1, axis=1)  # noqa: E731  nxt(x)[:, t] = x[:, t + 1]
@@ -140,7 +142,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, *,
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     # A cond rather than where(ok, new, old) per leaf: reading the old state after the update
-    # made XLA copy every donated optimizer-state buffer (~3% of a full-finetuning CPU step).
+    # makes XLA copy every donated optimizer-state buffer.
     def apply(operands):
       grads, opt_state, params = operands
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -166,16 +168,3 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: Callable, *,
                  out_shardings=(state_sharding, metrics_sh),
                  donate_argnums=(0,) if donate else ())
 
-
-def make_eval_loss(model, *, mesh=None, params_sharding: Any = None) -> Callable:
-  """A jitted `eval_loss(params, batch) -> (loss_sum, count)` without dropout."""
-  loss_fn = make_loss_fn(model, dropout=False)
-
-  def f(params, batch):
-    batch = {k: batch[k] for k in BATCH_KEYS}
-    return loss_fn(params, {}, batch, None)
-
-  if mesh is None:
-    return jax.jit(f)
-  batch_sh = {k: NamedSharding(mesh, P(BATCH_AXES, None)) for k in BATCH_KEYS}
-  return jax.jit(f, in_shardings=(params_sharding, batch_sh))

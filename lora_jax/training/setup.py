@@ -1,16 +1,18 @@
-"""`Trainer`: everything a run needs before its first step, built from the run config.
+"""Everything a run needs before its first step, built from the run config.
 
-Model config (preset or HF config.json + overrides + numerics), LoRA config, mesh, param and
-state shardings, optimizer and the jitted train step are set up without allocating params
-(so sizes can be checked first); `init_state` then builds the sharded state in one jitted call
-from the frozen base (`base_params`, the HF dir, or the preset's seeded init) plus fresh LoRA
-leaves, and fingerprints the base so checkpoints can point at it.
+`Trainer`: model config (`lora_jax.config.model_config_from`), LoRA config, mesh,
+param and state shardings, optimizer and the jitted train step are set up without allocating
+params (so sizes can be checked first); `init_state` then builds the sharded state in one jitted
+call from the frozen base (`base_params`, the HF dir, or the preset's seeded init) plus fresh
+LoRA leaves, and fingerprints the base so checkpoints can name it. The data side: the run's
+tokenizer, its batch iterator (this process's slice) and the number of steps.
 
 Benchmarks: `t = Trainer(cfg, total_steps=n); t.init_state(); metrics = t.step(host_batch)`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -22,13 +24,12 @@ import numpy as np
 from lora_jax import checkpoint as ckpt
 from lora_jax import config as rc
 from lora_jax import sharding
-from lora_jax.config import model_config_from
+from lora_jax.config import LlamaConfig, model_config_from
 from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
                            trainable_labels)
 from lora_jax.model import Llama, init_params, param_logical_axes, param_shapes
 from lora_jax.optim import make_optimizer
-from lora_jax.train_state import (BATCH_KEYS, TrainState, init_train_state, make_train_step,
-                                  state_shardings)
+from lora_jax.training.step import BATCH_KEYS, TrainState, make_train_step, state_shardings
 
 
 # --------------------------------------------------------------------------- trainer
@@ -64,7 +65,8 @@ class Trainer:
     self.tx, self.lr_fn = make_optimizer(cfg.optimizer, cfg.schedule, self.total_steps)
     self.state_sharding = state_shardings(tr_sh, self.tx, tr_shapes, self.mesh)
     self.abstract_state = ckpt.abstract_like(
-        jax.eval_shape(lambda t: init_train_state(t, self.tx, 0), tr_shapes), self.state_sharding)
+        jax.eval_shape(lambda t: TrainState.create(t, self.tx, jax.random.PRNGKey(0)), tr_shapes),
+        self.state_sharding)
     dropout = bool((lora is not None and lora.dropout > 0) or mc.attention_dropout > 0)
     self.step_fn = make_train_step(
         self.model, self.tx, self.lr_fn, microbatches=cfg.train.microbatches, dropout=dropout,
@@ -74,7 +76,9 @@ class Trainer:
     self.checkpoint_bytes = tree_bytes(self.abstract_state)
     self.state: TrainState | None = None
     self.frozen: dict | None = None
-    self.base_pointer: dict = {}
+    # Where the frozen base came from (preset / HF dir / given params, seed, overrides) and the
+    # fingerprint of its weights: saved with every checkpoint, checked on resume.
+    self.base_provenance: dict = {}
 
   # -- params
   def _keys(self):
@@ -95,10 +99,7 @@ class Trainer:
     if self.lora_config is not None:
       params = add_lora(base, self.model_config, self.lora_config, lora_key)
     trainable, frozen = split_params(params, self.labels)
-    state = None
-    if with_state:
-      state = TrainState(step=jnp.zeros([], jnp.int32), trainable=trainable,
-                         opt_state=self.tx.init(trainable), rng=rng)
+    state = TrainState.create(trainable, self.tx, rng) if with_state else None
     return state, frozen, sums
 
   def init_state(self, base_params: Any = None, *, with_state: bool = True) -> None:
@@ -133,7 +134,7 @@ class Trainer:
       build = lambda b, lk, r: self._build(b, lk, r, with_state)  # noqa: E731
       self.state, self.frozen, sums = jax.jit(
           build, out_shardings=out_shardings, donate_argnums=0)(base, lora_key, rng)
-    self.base_pointer = {
+    self.base_provenance = {
         "source": source, "preset": "" if cfg.model.hf_path else cfg.model.preset,
         "hf_path": os.path.abspath(cfg.model.hf_path) if cfg.model.hf_path else "",
         "overrides": dict(cfg.model.overrides.to_dict()), "seed": cfg.seed,
@@ -150,3 +151,51 @@ class Trainer:
     """One optimizer step on a process-local host batch; returns device metrics."""
     self.state, metrics = self.step_fn(self.state, self.frozen, self.put_batch(host_batch))
     return metrics
+
+
+# --------------------------------------------------------------------------- data and length
+def open_tokenizer(cfg, vocab_size: int | None = None):
+  """The run's tokenizer; a missing / unreadable file, or a vocab larger than the model's
+  (`vocab_size`), is a DataError naming data.tokenizer."""
+  from lora_jax.data import DataError, check_vocab, load_tokenizer
+  try:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if vocab_size is not None:
+      check_vocab(tokenizer, vocab_size)
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:
+    msg = str(e).removeprefix("data.tokenizer: ")
+    raise DataError("data.tokenizer", msg) from None
+  return tokenizer
+
+
+def open_data(cfg, model_config: LlamaConfig):
+  """This process's batch iterator over the configured data."""
+  from lora_jax.data import make_batch_iterator
+  tokenizer = open_tokenizer(cfg, model_config.vocab_size)
+  return make_batch_iterator(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+                             batch_size=cfg.train.global_batch // jax.process_count(),
+                             seed=cfg.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+
+def batches_per_epoch(cfg, data_iter) -> int | None:
+  """Global batches in one pass over the data, when the run needs it and the data knows it."""
+  needs = cfg.train.epochs > 0 or cfg.data.regime == "ift" or cfg.data.source == "synthetic"
+  if not needs or not hasattr(data_iter, "batches_per_epoch"):
+    return None
+  return int(data_iter.batches_per_epoch)
+
+
+def total_steps_for(cfg, batches_per_epoch: int | None) -> int:
+  """train.steps, else train.epochs of the data, else train.token_budget in global batches."""
+  train_cfg = cfg.train
+  if train_cfg.steps:
+    return int(train_cfg.steps)
+  if train_cfg.epochs:
+    if not batches_per_epoch:
+      raise rc.ConfigError("train.epochs", "the data has no epoch length (an epoch smaller than "
+                           "one global batch, or an unsized stream); use train.steps")
+    return max(1, math.ceil(train_cfg.epochs * batches_per_epoch))
+  return max(1, math.ceil(train_cfg.token_budget / (train_cfg.global_batch * train_cfg.seq_len)))
