@@ -223,6 +223,60 @@ def test_eval_fn_is_logged_and_best_checkpoint_kept(tmp_path):
   assert kept == [2, 6]  # best (min loss) + latest
 
 
+EVAL_FIXTURES = os.path.join(ROOT, "tests", "fixtures", "evals")
+
+
+def _without_timings(x):
+  """An eval result with its wall-clock fields ("seconds") removed."""
+  if isinstance(x, dict):
+    return {k: _without_timings(v) for k, v in x.items() if k != "seconds"}
+  if isinstance(x, list):
+    return [_without_timings(v) for v in x]
+  return x
+
+
+def test_eval_keys_run_inside_train_as_in_the_cli(tmp_path, capsys):
+  from lora_jax.cli import main
+  overrides = ["train.steps=2", "train.eval_every=2", "eval.tasks=hellaswag",
+               f"eval.data_dir={EVAL_FIXTURES}", "eval.limit=2", "train.export=none",
+               "train.tensorboard=false", "train.async_checkpointing=false"]
+  config = os.path.join(ROOT, "configs", "tiny_lora.py")
+  cli_dir, py_dir = tmp_path / "cli", tmp_path / "python"
+  code = main(["train", "--config", config, f"--config.output_dir={cli_dir}",
+               *(f"--config.{o}" for o in overrides)])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  result = train(rc.load_config(config, [f"output_dir={py_dir}", *overrides]))
+  evals = [m["eval"] for m in result.metrics if "eval" in m]
+  assert len(evals) == 1 and "acc" in evals[0]["hellaswag"], evals
+  cli_lines, py_lines = ([json.loads(ln) for ln in open(d / "metrics.jsonl")]
+                         for d in (cli_dir, py_dir))
+  cli_evals = [r for r in cli_lines if "eval" in r]
+  assert cli_evals == [r for r in py_lines if "eval" in r] and cli_evals[0]["step"] == 2
+  step_dir = os.path.join("eval", "step_2")
+  assert sorted(os.listdir(cli_dir / step_dir)) == sorted(os.listdir(py_dir / step_dir))
+  with open(cli_dir / step_dir / "results.json") as f, open(py_dir / step_dir / "results.json") as g:
+    assert _without_timings(json.load(f)) == _without_timings(json.load(g))
+
+
+def test_unknown_eval_task_fails_before_training(tmp_path):
+  cfg = tiny_cfg(tmp_path, steps=2, eval_every=1)
+  cfg.eval.tasks = "no_such_task"
+  with pytest.raises(rc.ConfigError, match="eval.tasks"):
+    train(cfg, data_iter=StandInData(8, 32))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_another_base_is_refused(tmp_path):
+  train(tiny_cfg(tmp_path, steps=2), data_iter=StandInData(8, 32))
+  other_base = _host(init_params(preset("tiny"), jax.random.PRNGKey(7)))
+  with pytest.raises(TrainingError, match="checkpoint 2 in .* different base"):
+    restore_run(str(tmp_path), base_params=other_base)
+  with pytest.raises(TrainingError, match="checkpoint 2 in .* different base"):
+    train(tiny_cfg(tmp_path, steps=2), base_params=other_base, data_iter=StandInData(8, 32))
+  _, _, _, meta = restore_run(str(tmp_path), base_params=other_base, force=True)
+  assert meta["step"] == 2
+
+
 def test_exports_and_restore_run(tmp_path):
   cfg = tiny_cfg(tmp_path, steps=2, export="all")
   result = train(cfg, data_iter=StandInData(8, 32))
