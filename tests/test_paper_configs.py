@@ -60,7 +60,9 @@ def test_shared_optimizer_lora_and_dtype_values(modules):
     for variant in ("rank=16", "rank=64", "rank=256", "method=full"):
       c = m.get_config(variant)
       assert (c.optimizer.name, c.optimizer.b1, c.optimizer.b2) == ("lionw", 0.9, 0.95), regime
-      assert c.optimizer.weight_decay == 0.0 and c.optimizer.grad_clip == 1.0
+      # Appendix A: weight decay 1e-6 for code CPT only (Composer decoupled)
+      assert c.optimizer.weight_decay == (1e-6 if regime == "code_cpt" else 0.0), regime
+      assert c.optimizer.grad_clip == 1.0
       assert c.model.attention_dropout == 0.0
       if variant == "method=full":
         assert not c.lora.enabled
@@ -99,29 +101,41 @@ def test_cpt_schedule_budget_and_checkpoints(modules):
     m = modules[regime]
     c = m.get_config()
     assert c.data.regime == "cpt" and c.data.pack
-    assert c.schedule.name == "inv_sqrt_with_warmup"
-    assert c.schedule.warmup_steps == 1000 and c.schedule.warmup_fraction == 0.0
-    assert c.schedule.cooldown_fraction == 0.2
+    # LLM-Foundry inv_sqrt_with_warmup as the paper ran it: t_warmup = t_scale = 1000 batches,
+    # alpha_f_decay = 1, a cooldown over the last 20% (5086 batches at 20B), alpha_f_cooldown 0
+    s = c.schedule
+    assert s.name == "inv_sqrt_with_warmup"
+    assert (s.warmup_steps, s.warmup_fraction, s.inv_sqrt_scale_steps) == (1000, 0.0, 1000)
+    assert (s.alpha_f_decay, s.alpha_f_cooldown, s.cooldown_fraction) == (1.0, 0.0, 0.2)
     assert c.train.token_budget == 20_000_000_000 and not c.train.epochs
-    assert m.CHECKPOINT_TOKENS == (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 10e9, 16e9, 20e9)
+    assert m.BUDGETS == (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 20e9)  # no 10B
     steps = m.common.checkpoint_steps(m.common.regime(vars(m)))
-    assert steps[0] == math.ceil(0.25e9 / (192 * 4096)) == 318
-    assert steps[-1] == 25432 and steps == sorted(steps)
-    assert m.get_config("tokens=4e9").train.token_budget == 4_000_000_000
+    # the trunk keeps the step at or before 0.8 T of each smaller budget
+    assert steps == [math.floor(0.8 * t / (192 * 4096)) for t in m.BUDGETS[:-1]]
+    assert steps == [254, 508, 1017, 2034, 4069, 8138, 16276]
     assert c.train.keep_steps == ",".join(str(s) for s in steps)
+    branch = m.get_config("tokens=4e9")
+    assert branch.train.token_budget == 4_000_000_000 and branch.train.keep_steps == ""
+    assert m.branch_of("tokens=4e9") == ("", 4069) and m.branch_of("") is None
+    assert m.branch_of("method=full,tokens=1e9") == ("method=full", 1017)
+    with pytest.raises(ValueError, match="beyond"):
+      m.get_config("tokens=25e9")
 
 
 def test_ift_schedule_and_epochs(modules):
   for regime in ("code_ift", "math_ift"):
     m = modules[regime]
     c = m.get_config("epochs=4")
-    assert c.data.regime == "ift" and not c.data.pack  # one padded sample per row
+    # packed as LLM-Foundry's packing_ratio (the authors' 193 steps per Magicoder epoch)
+    assert c.data.regime == "ift" and c.data.pack and c.data.packing_ratio == 3.0
     assert c.schedule.name == "cosine_with_warmup"
     assert c.schedule.warmup_fraction == 0.1 and c.schedule.alpha_f == 0.01
     assert c.train.epochs == 4.0 and not c.train.token_budget
     assert m.EPOCHS == (1, 2, 4, 8, 16)
     assert c.train.keep_steps == ""  # IFT: one run per epoch count, exported at the end
-    assert m.get_config("pack=true").data.pack
+    unpacked = m.get_config("pack=false")
+    assert not unpacked.data.pack and unpacked.data.packing_ratio == 0.0
+    assert m.run_name("pack=false").endswith("-unpacked")
 
 
 def test_data_sources_and_tokenizer(modules):
@@ -136,7 +150,9 @@ def test_data_sources_and_tokenizer(modules):
     assert m.DATA["hf_dataset"].startswith(hf)
     assert c.data.path.startswith("gs://bucket/data/")
     assert c.model.hf_path == "/mnt/models/Llama-2-7b-hf"
-    assert c.data.tokenizer == "/mnt/models/Llama-2-7b-hf/tokenizer.model"
+    # Appendix A: the base tokenizer for CPT, the chat model's for IFT (local directories)
+    tok_dir = "Llama-2-7b-hf" if m.KIND == "cpt" else "Llama-2-7b-chat-hf"
+    assert c.data.tokenizer == f"/mnt/models/{tok_dir}/tokenizer.model"
   assert modules["code_ift"].get_config().data.format == "magicoder"
   assert modules["math_ift"].get_config().data.format == "metamath"
 
@@ -180,3 +196,61 @@ def test_run_names_are_readable_and_distinct(modules):
       "gs://b/runs/code_ift/code_ift-lora-r64-lr2e-4-ep8")
   assert modules["code_cpt"].run_name("method=full") == "code_cpt-full-lr1e-5-20B"
   assert modules["math_cpt"].run_name("tokens=2.5e8") == "math_cpt-lora-r16-lr4e-5-250M"
+
+
+# The paper's settings per regime, as `lora-jax sweep --dry-run` lists them (Appendix A, the
+# authors' table; paper_protocol.md). CPT: steps = ceil(T / (192 x 4096)); cooldown = 20% of T.
+CPT_STEPS = {0.25e9: 318, 0.5e9: 636, 1e9: 1272, 2e9: 2544, 4e9: 5087, 8e9: 10173,
+             16e9: 20346, 20e9: 25432}
+PAPER_LR = {"code_cpt": (1e-5, 1e-5, 1e-5, 1e-5), "math_cpt": (1e-5, 4e-5, 4e-5, 4e-5),
+            "code_ift": (5e-5, 2e-4, 2e-4, 1e-4), "math_ift": (1e-5, 1e-4, 1e-4, 5e-5)}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_dry_run_lists_the_papers_runs(regime, capsys):
+  from lora_jax import cli
+  assert cli.main(["sweep", "--config", path_of(regime), "--dry-run", "--json"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  names = [r["name"] for r in rows]
+  for row in rows:
+    plan, name = row["plan"], row["name"]
+    method = 0 if "-full-" in name else {"r16": 1, "r64": 2, "r256": 3}[name.split("-")[2]]
+    assert plan["lr"] == PAPER_LR[regime][method], name
+    assert plan["weight_decay"] == (1e-6 if regime == "code_cpt" else 0.0), name
+    if regime.endswith("cpt"):
+      steps = CPT_STEPS[plan["tokens"]]
+      assert plan["steps"] == steps and plan["batch"] == "192x4096", name
+      assert plan["schedule"] == {"name": "inv_sqrt_with_warmup", "t_warmup": 1000,
+                                  "t_scale": 1000, "t_cooldown": round(0.2 * steps),
+                                  "alpha_f_decay": 1.0, "alpha_f_cooldown": 0.0}, name
+      if plan["tokens"] < 20e9:  # a cooldown branch, started after its trunk from 0.8 T
+        trunk = row["start_from"].split("/checkpoints/")[0].rsplit("/", 1)[1]
+        assert names.index(trunk) < names.index(name) and trunk.endswith("-20B")
+        assert int(row["start_from"].rsplit("/", 1)[1]) == plan["start_step"] == math.floor(
+            0.8 * plan["tokens"] / (192 * 4096)) <= steps - round(0.2 * steps)
+      else:
+        assert row["start_from"] is None
+    else:
+      per_epoch = 193 if regime == "code_ift" else 171  # authors' table / project choice
+      assert plan["steps_per_epoch"] == per_epoch and plan["packing_ratio"] == 3.0
+      assert plan["steps"] == per_epoch * plan["epochs"]
+      assert plan["batch"] == ("192x4096" if regime == "code_ift" else "768x1024")
+      assert plan["schedule"] == {"name": "cosine_with_warmup", "warmup_fraction": 0.1,
+                                  "alpha_f": 0.01}
+  budgets = sorted({r["plan"].get("tokens") or r["plan"]["epochs"] for r in rows})
+  assert budgets == (sorted(CPT_STEPS) if regime.endswith("cpt") else [1, 2, 4, 8, 16])
+  assert len(rows) == 32 if regime.endswith("cpt") else 20
+  if regime == "code_ift":
+    assert [r["plan"]["steps"] for r in rows if "-full-" in r["name"]][-1] == 3088  # 16 epochs
+
+
+def test_lr_sensitivity_sweep_is_its_own_group(modules):
+  # Appendix B / Fig. S1: all modules but gate_proj, alpha = 32, over an LR grid
+  m = modules["code_ift"]
+  variants = m.get_sweep()["lr_s1"]
+  loras = [m.get_config(v) for v in variants if "method=full" not in v]
+  assert loras and all(c.lora.alpha == 32.0 for c in loras)
+  assert all(c.lora.targets == "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" for c in loras)
+  assert {c.optimizer.lr for c in loras} == set(m.LR_GRID["lora"])
+  assert all(c.train.epochs == 2.0 for c in loras)
+  assert "-a32-no_gate-" in m.run_name(variants[-1])

@@ -23,8 +23,8 @@ def paper(name):
     ("code_ift", "regularization", 20),  # full FT x (wd 5e-5, 1e-4, adrop 0.05, 0.1) x 5
     ("code_ift", "lr", 12),              # full x 4 LRs + LoRA r16/256 x 4 LRs, at 2 epochs
     ("math_ift", "main", 20),
-    ("code_cpt", "main", 4),             # one 20B-token run per method, checkpoints inside
-    ("math_cpt", "targets", 4),
+    ("code_cpt", "main", 32),            # per method: the 20B trunk + 7 cooldown branches
+    ("math_cpt", "targets", 32),
     ("math_cpt", "lr", 12),
 ])
 def test_expansion_counts(regime, group, count):
@@ -163,8 +163,10 @@ def test_cli_dry_run_lists_commands(capsys):
 def test_cli_json_list_groups_and_errors(capsys):
   assert cli.main(["sweep", "--config", paper("math_cpt"), "--dry-run", "--json"]) == 0
   rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-  assert len(rows) == 4 and rows[0]["argv"][:2] == ["lora-jax", "train"]
+  assert len(rows) == 32 and rows[0]["argv"][:2] == ["lora-jax", "train"]
   assert rows[0]["output_dir"] == "runs/math_cpt/math_cpt-full-lr1e-5-20B"
+  assert rows[0]["start_from"] is None and rows[0]["plan"]["steps"] == 25432
+  assert rows[1]["start_from"] == "runs/math_cpt/math_cpt-full-lr1e-5-20B/checkpoints/254"
   assert cli.main(["sweep", "--config", paper("code_ift"), "--list-groups"]) == 0
   assert "regularization: 20 variants" in capsys.readouterr().out
   assert cli.main(["sweep", "--config", paper("code_ift"), "--dry-run", "--groups", "nope"]) == 2
@@ -216,3 +218,39 @@ def test_commands_parse_in_the_train_cli(tmp_path, capsys):
   for line in ("rank: 256", "alpha: 512.0", "lr: 0.0001", "weight_decay: 0.0001",
                "microbatches: 4", "epochs: 4.0"):
     assert line in printed
+
+
+def test_branch_seeded_from_the_trunk_resumes_to_the_trunks_result(tmp_path):
+  """A cooldown branch = the trunk's checkpoint + the rest of the run: a branch of the same
+  length as its trunk ends bitwise where the trunk does, and resumes from step 3, not 0."""
+  import jax
+  import numpy as np
+  from _train_support import StandInData, tiny_cfg
+  from lora_jax.train import train
+  trunk = train(tiny_cfg(tmp_path / "trunk", steps=5, keep_steps="3", keep_checkpoints=1),
+                data_iter=StandInData(8, 32))
+  run = sweep.PlannedRun("branch", {"output_dir": str(tmp_path / "branch")},
+                         start_from=str(tmp_path / "trunk" / "checkpoints" / "3"), after="trunk")
+  assert sweep.seed_from_trunk(run)
+  assert not sweep.seed_from_trunk(run)  # it has a checkpoint now: a restart resumes it
+  branch = train(tiny_cfg(tmp_path / "branch", steps=5), data_iter=StandInData(8, 32))
+  assert [m["step"] for m in branch.metrics if "loss" in m] == [4, 5]
+  for a, b in zip(jax.tree.leaves(trunk.params), jax.tree.leaves(branch.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  missing = sweep.PlannedRun("b2", {"output_dir": str(tmp_path / "b2")}, after="trunk",
+                             start_from=str(tmp_path / "trunk" / "checkpoints" / "2"))
+  with pytest.raises(FileNotFoundError, match="run trunk first"):
+    sweep.seed_from_trunk(missing)
+
+
+def test_run_sequentially_skips_finished_runs_and_orphaned_branches(tmp_path):
+  done = sweep.PlannedRun("done", {"output_dir": str(tmp_path / "done")})
+  os.makedirs(tmp_path / "done" / "export" / "hf")
+  trunk = sweep.PlannedRun("trunk", {"output_dir": str(tmp_path / "trunk")})
+  branch = sweep.PlannedRun("branch", {"output_dir": str(tmp_path / "branch")}, after="trunk",
+                            start_from=str(tmp_path / "trunk" / "checkpoints" / "1"))
+  calls, logs = [], []
+  rc = sweep.run_sequentially([done, trunk, branch], call=lambda argv: calls.append(argv) or 3,
+                              keep_going=True, log=logs.append)
+  assert rc == 1 and len(calls) == 1  # only the trunk ran (and failed); the branch waits
+  assert "done: finished, skipped" in logs[0] and "its trunk trunk failed" in logs[-2]

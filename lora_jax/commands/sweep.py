@@ -60,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
     for r in runs:
       if args.json:
         print(json.dumps({"name": r.name, "group": r.group, "variant": r.variant,
-                          "output_dir": r.output_dir, "argv": r.argv()}))
+                          "output_dir": r.output_dir, "start_from": r.start_from or None,
+                          "plan": r.plan, "argv": r.argv()}))
       else:
-        print(f"# {r.name} [{r.group}]")
+        start = f", starts from {r.start_from}" if r.start_from else ""
+        print(f"# {r.name} [{r.group}{start}]")
+        if r.plan:
+          print("#   " + ", ".join(f"{k} {_plan_value(v)}" for k, v in r.plan.items()))
         print(r.command())
     if not args.json:
       print(f"# {len(runs)} runs", file=sys.stderr)
@@ -70,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
   if _cpu_only():
     print(LAUNCH_HINT.format(config=args.config), file=sys.stderr)
   return sweep.run_sequentially(runs, keep_going=args.keep_going)
+
+
+def _plan_value(v) -> str:
+  if isinstance(v, dict):
+    return "(" + ", ".join(f"{k}={_plan_value(x)}" for k, x in v.items()) + ")"
+  return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _cpu_only() -> bool:

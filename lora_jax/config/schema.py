@@ -132,6 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.format = "auto"  # IFT: "magicoder", "metamath", "chat" or "auto"
   c.data.tokenizer = "byte"  # "byte", a tokenizer.json path, or a SentencePiece .model path
   c.data.pack = True  # IFT: pack samples (True) or pad each to seq_len (False)
+  c.data.packing_ratio = 0.0  # IFT: >= 1 packs int(ratio x batch) samples per step (LLM-Foundry)
   c.data.add_bos = True  # prepend BOS to every document (CPT) / sample (IFT); EOS always ends one
   c.data.skip_malformed = False  # count and skip bad rows instead of failing
   c.data.shuffle = True
@@ -351,6 +352,9 @@ def validate_config(cfg: ml_collections.ConfigDict, *, num_devices: int | None =
   require(cfg.data.source == "synthetic" or bool(cfg.data.path), "data.path",
           f"required for data.source={cfg.data.source!r}")
   require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+  require(cfg.data.packing_ratio == 0 or (cfg.data.packing_ratio >= 1
+                                          and cfg.data.regime == "ift"), "data.packing_ratio",
+          f"must be 0 (off) or >= 1 with data.regime=ift, got {cfg.data.packing_ratio}")
   _one_of(cfg, "eval.best_mode", ("min", "max"))
   # devices
   if num_devices is None:

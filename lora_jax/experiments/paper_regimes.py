@@ -1,23 +1,52 @@
 """What the four paper regimes share: Llama-2-7B, decoupled LionW, LoRA alpha = 2r, the variant
-string, run names and sweep grids. Each regime file (configs/paper/code_cpt.py, math_cpt.py,
-code_ift.py, math_ift.py) holds only its own table values and calls `build` / `standard_sweep`
-here through `entry_points`.
+string, run names, sweep grids and the CPT trunk + cooldown branches. Each regime file
+(configs/paper/code_cpt.py, math_cpt.py, code_ift.py, math_ift.py) holds only its own table
+values and calls `build` / `standard_sweep` here through `entry_points`.
+
+Sources: "A" = the paper's Appendix A (TMLR version), "T" = the authors' published training
+table, "F" = LLM-Foundry's defaults the paper ran with, "P" = this project's choice where the
+paper is silent (../shared/reference/paper_protocol.md carries all of them):
+
+  model        Llama-2-7B, bf16 compute (amp_bf16), fp32 master weights               A
+  optimizer    decoupled LionW, betas (0.9, 0.95), grad clip 1.0                       A
+  weight decay 1e-6 for code CPT, 0 for the other three (Composer decoupled)           A, T
+  LoRA         r in {16, 64, 256}, alpha = 2r, dropout 0.05, all seven modules          A
+  Fig. S1      LR sweep: all modules but gate_proj, alpha = 32                         A (App. B)
+  CPT          seq 4096 x 192; inv_sqrt_with_warmup: t_warmup = t_scale = 1000 batches,
+               alpha_f_decay = 1 (flat), t_cooldown = 20% of the run (5086 of 25,432
+               batches at 20B), alpha_f_cooldown = 0                                   A, T, F
+  CPT budgets  0.25, 0.5, 1, 2, 4, 8, 16, 20B tokens, each after its own cooldown: the
+               last 20% of T retrained from the 20B trunk's checkpoint at 0.8 T         A
+  IFT          cosine, 10% warmup, final factor 0.01; 1, 2, 4, 8, 16 epochs            A
+  IFT packing  packing_ratio 3: 193 steps per Magicoder epoch at 192 x 4096            T
+               (math IFT: the same ratio, 171 steps per epoch at 768 x 1024)           P
+  tokenizer    Llama-2-7b-hf for CPT, Llama-2-7b-chat-hf for IFT (local directories)   A
+  LR grids     around the paper's values (it advises 1e-5..5e-4, LoRA ~10x full FT)     P
+  checkpoints  CHECKPOINT_EVERY (resume after preemption), keep 2                      P
 
 A variant is a "key=value,key=value" string, the `get_config(arg)` parameter:
 
   method      full | lora                       (default lora)
-  rank        LoRA rank; alpha is set to 2*rank (default 16)
-  targets     all | attention | mlp             (default all)
+  rank        LoRA rank (default 16)
+  alpha       LoRA alpha (default 2 * rank)
+  targets     all | attention | mlp | no_gate   (default all; no_gate: Fig. S1)
   lr          learning rate; default: the paper's table for method and rank
   epochs      IFT: epochs (1, 2, 4, 8, 16 in the paper)
-  tokens      CPT: token budget, e.g. 20e9
-  wd          decoupled weight decay (regularization comparison; default 0)
+  tokens      CPT: token budget, e.g. 20e9 (the trunk) or 4e9 (a cooldown branch)
+  wd          decoupled weight decay (default: the regime's, WEIGHT_DECAY)
   attn_dropout  attention dropout of the base model (default 0)
   seed        run seed
-  pack        IFT: pack samples (default false: one padded sample per row, as the paper)
+  pack        IFT: pack samples with PACKING_RATIO (default true, as the authors' step
+              counts); false: one padded sample per row
   data_root   where the prepared datasets live (local dir or gs://...)
-  model_root  directory holding Llama-2-7b-hf (local dir; HF safetensors + tokenizer.model)
+  model_root  directory holding Llama-2-7b-hf and Llama-2-7b-chat-hf (local dirs: HF
+              safetensors + tokenizer.model; nothing is fetched from the hub at run time)
   out         output root; a run writes to {out}/{regime}/{run name}
+
+CPT budgets below the trunk's are cooldown branches (`cooldown_branch`): `lora-jax sweep`
+seeds each from the trunk checkpoint at floor(0.8 T / tokens per step), which the trunk keeps
+(train.keep_steps); a standalone run of T tokens gives the same model (the flat schedule does not
+depend on the horizon), so a branch without its trunk in the sweep just starts from scratch.
 
 `lora-jax train` loads `get_config()` (the default variant); `lora-jax sweep --variant ...` turns
 any variant into that command plus the `--config.*` overrides that make it:
@@ -37,18 +66,22 @@ from lora_jax.config import default_config
 # ------------------------------------------------------------------------------ shared settings
 MODEL_PRESET = "llama2_7b"
 HF_MODEL_DIR = "Llama-2-7b-hf"  # from the HF hub repo meta-llama/Llama-2-7b-hf
+CHAT_MODEL_DIR = "Llama-2-7b-chat-hf"  # meta-llama/Llama-2-7b-chat-hf: only its tokenizer is used
 RANKS = (16, 64, 256)
 METHODS = ("full", "lora")
-TARGETS = ("all", "attention", "mlp")
+TARGET_MODULES = {"all": "all", "attention": "attention", "mlp": "mlp",
+                  "no_gate": "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"}
+TARGETS = tuple(TARGET_MODULES)
 LORA_DROPOUT = 0.05
+COOLDOWN_FRACTION = 0.2  # CPT: the last 20% of every budget is its cooldown (Appendix A)
 
 DEFAULT_PARAMS = {
-    "method": "lora", "rank": 16, "targets": "all", "lr": None, "epochs": None, "tokens": None,
-    "wd": 0.0, "attn_dropout": 0.0, "seed": 0, "pack": False,
+    "method": "lora", "rank": 16, "alpha": None, "targets": "all", "lr": None, "epochs": None,
+    "tokens": None, "wd": None, "attn_dropout": 0.0, "seed": 0, "pack": True,
     "data_root": "data", "model_root": "models", "out": "runs",
 }
 _INT_PARAMS = ("rank", "seed")
-_FLOAT_PARAMS = ("lr", "epochs", "tokens", "wd", "attn_dropout")
+_FLOAT_PARAMS = ("alpha", "lr", "epochs", "tokens", "wd", "attn_dropout")
 _BOOL_PARAMS = ("pack",)
 
 
@@ -125,17 +158,19 @@ def run_name(regime: Any, params: dict[str, Any]) -> str:
   parts = [regime.NAME, p["method"]]
   if p["method"] == "lora":
     parts.append(f"r{p['rank']}")
+    if p["alpha"] is not None:
+      parts.append("a" + _num(p["alpha"]))
     if p["targets"] != "all":
       parts.append(p["targets"])
   parts.append("lr" + _num(learning_rate(regime, p)))
-  if p["wd"]:
+  if p["wd"] is not None and p["wd"] != regime.WEIGHT_DECAY:
     parts.append("wd" + _num(p["wd"]))
   if p["attn_dropout"]:
     parts.append("adrop" + _num(p["attn_dropout"]))
   if regime.KIND == "ift":
     parts.append("ep" + _num(p["epochs"] or regime.EPOCHS[-1]))
-    if p["pack"]:
-      parts.append("packed")
+    if not p["pack"]:
+      parts.append("unpacked")
   else:
     parts.append(_tokens_text(p["tokens"] or regime.TOKEN_BUDGET))
   if p["seed"]:
@@ -162,19 +197,43 @@ def tokens_per_step(regime: Any) -> int:
   return regime.GLOBAL_BATCH * regime.SEQ_LEN
 
 
+def budget_steps(regime: Any, tokens: float) -> int:
+  """CPT: optimizer steps of a `tokens` budget (rounded up, as the trainer's token_budget)."""
+  return math.ceil(tokens / tokens_per_step(regime))
+
+
+def branch_start_step(regime: Any, tokens: float) -> int:
+  """CPT: the trunk step a budget's cooldown branch starts from: the last step at or before
+  0.8 T (its cooldown, the last 20% of T, starts no earlier)."""
+  return math.floor((1 - COOLDOWN_FRACTION) * tokens / tokens_per_step(regime))
+
+
 def checkpoint_steps(regime: Any) -> list[int]:
-  """CPT: the optimizer steps at which the paper's token checkpoints fall (rounded up)."""
-  return [math.ceil(t / tokens_per_step(regime)) for t in regime.CHECKPOINT_TOKENS]
+  """CPT: the trunk steps its cooldown branches start from (train.keep_steps of the trunk)."""
+  return [branch_start_step(regime, t) for t in regime.BUDGETS if t < regime.TOKEN_BUDGET]
+
+
+def cooldown_branch(regime: Any, arg: str | None) -> tuple[str, int] | None:
+  """CPT: (trunk variant, trunk step to start from) when `arg` is a budget below the trunk's;
+  None for the trunk itself and for IFT."""
+  p = parse_variant(arg)
+  if regime.KIND != "cpt" or not p["tokens"] or p["tokens"] >= regime.TOKEN_BUDGET:
+    return None
+  trunk = format_variant({**p, "tokens": None})
+  return trunk, branch_start_step(regime, p["tokens"])
 
 
 def build(regime: Any, arg: str | None = None):
   """The run config of `regime` (a regime config module) for the variant string `arg`."""
   p = parse_variant(arg)
-  if regime.KIND == "cpt" and (p["epochs"] is not None or p["pack"]):
+  if regime.KIND == "cpt" and (p["epochs"] is not None or not p["pack"]):
     raise ValueError(f"{regime.NAME} is continued pretraining: set its length with tokens=..., "
                      "not epochs=...; CPT data is always packed")
   if regime.KIND == "ift" and p["tokens"] is not None:
     raise ValueError(f"{regime.NAME} is instruction finetuning: set its length with epochs=...")
+  if p["tokens"] is not None and p["tokens"] > regime.TOKEN_BUDGET:
+    raise ValueError(f"{regime.NAME}: tokens={p['tokens']:g} is beyond the paper's "
+                     f"{regime.TOKEN_BUDGET:g}-token trunk")
   c = default_config()
   c.lock()  # a misspelt key fails here instead of adding a new one
   c.seed = p["seed"]
@@ -190,16 +249,16 @@ def build(regime: Any, arg: str | None = None):
 
   c.lora.enabled = p["method"] == "lora"
   c.lora.rank = p["rank"]
-  c.lora.alpha = float(2 * p["rank"])
+  c.lora.alpha = float(2 * p["rank"] if p["alpha"] is None else p["alpha"])
   c.lora.dropout = LORA_DROPOUT
-  c.lora.targets = p["targets"]
+  c.lora.targets = TARGET_MODULES[p["targets"]]
   c.lora.use_rslora = False
 
   c.optimizer.name = "lionw"  # decoupled LionW, as Composer's DecoupledLionW
   c.optimizer.lr = learning_rate(regime, p)
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
-  c.optimizer.weight_decay = p["wd"]
+  c.optimizer.weight_decay = regime.WEIGHT_DECAY if p["wd"] is None else p["wd"]
   c.optimizer.grad_clip = 1.0
 
   c.train.global_batch = regime.GLOBAL_BATCH
@@ -220,7 +279,9 @@ def build(regime: Any, arg: str | None = None):
   c.data.split = "train"
   c.data.text_field = regime.DATA.get("text_field", "text")
   c.data.format = regime.DATA.get("format", "auto")
-  c.data.tokenizer = f"{c.model.hf_path}/tokenizer.model"  # Llama-2 SentencePiece
+  # Llama-2 SentencePiece: the base model's for CPT, the chat model's for IFT (Appendix A).
+  tokenizer_dir = HF_MODEL_DIR if regime.KIND == "cpt" else CHAT_MODEL_DIR
+  c.data.tokenizer = f"{p['model_root'].rstrip('/')}/{tokenizer_dir}/tokenizer.model"
 
   if regime.KIND == "cpt":
     c.data.pack = True
@@ -228,10 +289,14 @@ def build(regime: Any, arg: str | None = None):
     c.schedule.name = "inv_sqrt_with_warmup"
     c.schedule.warmup_fraction = 0.0
     c.schedule.warmup_steps = regime.WARMUP_STEPS
-    c.schedule.cooldown_fraction = 0.2
+    c.schedule.inv_sqrt_scale_steps = regime.T_SCALE_STEPS
+    c.schedule.alpha_f_decay = regime.ALPHA_F_DECAY
+    c.schedule.alpha_f_cooldown = regime.ALPHA_F_COOLDOWN
+    c.schedule.cooldown_fraction = COOLDOWN_FRACTION
     c.train.checkpoint_every = regime.CHECKPOINT_EVERY
   else:
     c.data.pack = p["pack"]
+    c.data.packing_ratio = float(regime.PACKING_RATIO) if p["pack"] else 0.0
     c.train.epochs = float(p["epochs"] or regime.EPOCHS[-1])
     c.schedule.name = "cosine_with_warmup"
     c.schedule.warmup_fraction = 0.1
@@ -248,9 +313,37 @@ def build(regime: Any, arg: str | None = None):
 
 
 def _set_keep_points(c, regime) -> None:
-  """CPT: never delete the checkpoints at the paper's token milestones (train.keep_steps)."""
-  if regime.KIND == "cpt":
+  """CPT trunk: never delete the checkpoints its cooldown branches start from."""
+  if regime.KIND == "cpt" and c.train.token_budget >= regime.TOKEN_BUDGET:
     c.train.keep_steps = ",".join(str(s) for s in checkpoint_steps(regime))
+
+
+def describe(regime: Any, arg: str | None = None) -> dict[str, Any]:
+  """What a run does, in the paper's terms (for `lora-jax sweep --dry-run` and tests): steps,
+  LR, weight decay, schedule, budget and packing. IFT steps come from the dataset's sample
+  count (regime.NUM_SAMPLES), as LLM-Foundry counts them: N // (packing_ratio x batch) per epoch."""
+  c = build(regime, arg)
+  s = c.schedule
+  out: dict[str, Any] = {"lr": c.optimizer.lr, "weight_decay": c.optimizer.weight_decay,
+                         "batch": f"{c.train.global_batch}x{c.train.seq_len}"}
+  if regime.KIND == "cpt":
+    steps = budget_steps(regime, c.train.token_budget)
+    out.update(tokens=c.train.token_budget, steps=steps, schedule={
+        "name": s.name, "t_warmup": s.warmup_steps, "t_scale": s.inv_sqrt_scale_steps,
+        "t_cooldown": int(round(s.cooldown_fraction * steps)), "alpha_f_decay": s.alpha_f_decay,
+        "alpha_f_cooldown": s.alpha_f_cooldown})
+    branch = cooldown_branch(regime, arg)
+    if branch is not None:
+      out["start_step"] = branch[1]
+  else:
+    per_step = (int(c.data.packing_ratio * c.train.global_batch) if c.data.packing_ratio
+                else c.train.global_batch)
+    per_epoch = regime.NUM_SAMPLES // per_step
+    out.update(epochs=c.train.epochs, steps_per_epoch=per_epoch,
+               steps=math.ceil(c.train.epochs * per_epoch), packing_ratio=c.data.packing_ratio,
+               schedule={"name": s.name, "warmup_fraction": s.warmup_fraction,
+                         "alpha_f": s.alpha_f})
+  return out
 
 
 # ------------------------------------------------------------------------------ sweeps
@@ -275,11 +368,12 @@ def variants(params_list: list[dict[str, Any]]) -> list[str]:
 
 
 def budget_axis(regime: Any) -> list[dict[str, Any]]:
-  """IFT: one run per epoch count (cosine depends on the run length). CPT: one run to the full
-  budget, with the token checkpoints saved along the way (inverse-sqrt needs no horizon)."""
+  """IFT: one run per epoch count (cosine depends on the run length). CPT: the 20B trunk first,
+  then one cooldown branch per smaller budget (each starts from the trunk; `cooldown_branch`)."""
   if regime.KIND == "ift":
     return [{"epochs": float(e)} for e in regime.EPOCHS]
-  return [{"tokens": float(regime.TOKEN_BUDGET)}]
+  return [{"tokens": None}] + [{"tokens": float(t)} for t in regime.BUDGETS
+                               if t < regime.TOKEN_BUDGET]
 
 
 def standard_sweep(regime: Any) -> dict[str, list[str]]:
@@ -289,6 +383,8 @@ def standard_sweep(regime: Any) -> dict[str, list[str]]:
   targets  LoRA r in {16, 256} on attention-only and MLP-only modules (the target ablation).
   lr       an LR search around the paper's values (our grid, from the paper's advice to sweep
            1e-5..5e-4 with LoRA ~10x full FT), at a short budget: LR_SEARCH_BUDGET.
+  lr_s1    Fig. S1's LR sensitivity (Appendix B): LoRA r in {16, 256} on all modules but
+           gate_proj with alpha = 32, and full FT, over LR_GRID, at LR_SEARCH_BUDGET.
   """
   budget = budget_axis(regime)
   main = cross(methods(), budget)
@@ -296,15 +392,21 @@ def standard_sweep(regime: Any) -> dict[str, list[str]]:
   short = [regime.LR_SEARCH_BUDGET]
   lr = (cross(grid(method=["full"], lr=regime.LR_GRID["full"]), short)
         + cross(grid(method=["lora"], rank=[16, 256], lr=regime.LR_GRID["lora"]), short))
-  return {"main": variants(main), "targets": variants(targets), "lr": variants(lr)}
+  s1 = (cross(grid(method=["full"], lr=regime.LR_GRID["full"]), short)
+        + cross(grid(method=["lora"], rank=[16, 256], alpha=[32.0], targets=["no_gate"],
+                     lr=regime.LR_GRID["lora"]), short))
+  return {"main": variants(main), "targets": variants(targets), "lr": variants(lr),
+          "lr_s1": variants(s1)}
 
 
 def entry_points(namespace: dict[str, Any]) -> tuple:
-  """(get_config, run_name, get_sweep) of the regime file whose globals are `namespace`.
+  """(get_config, run_name, get_sweep, branch_of, describe) of the regime file whose globals
+  are `namespace`.
 
   get_config(arg) -> run config of a variant; run_name(arg) -> its run name; get_sweep() ->
   group -> variant strings (`standard_sweep`, plus the file's own `extra_sweep_groups(regime)`
-  when it defines one).
+  when it defines one); branch_of(arg) -> `cooldown_branch` and describe(arg) -> `describe`
+  (both read by `lora-jax sweep`).
   """
 
   def get_config(arg=None):
@@ -321,4 +423,10 @@ def entry_points(namespace: dict[str, Any]) -> tuple:
       groups.update(extra(reg))
     return groups
 
-  return get_config, run_name_of, get_sweep
+  def branch_of(arg=None):
+    return cooldown_branch(regime(namespace), arg)
+
+  def describe_of(arg=None):
+    return describe(regime(namespace), arg)
+
+  return get_config, run_name_of, get_sweep, branch_of, describe_of

@@ -8,6 +8,14 @@ variant string ("method=lora,rank=256,epochs=4"), and `get_sweep()` returning
 `--config.key=value` overrides that turn the default variant into the run's: `expand_sweep`
 computes them as the difference between the two configs, which also checks every key against
 the schema. Nothing here imports JAX.
+
+A file may define `describe(arg) -> dict` (steps, LR, schedule... shown by --dry-run) and
+`branch_of(arg) -> (trunk variant, step) | None` (the paper's CPT
+cooldown branches): when the trunk is among the planned runs, the branch runs after it and,
+before its first start, gets a copy of the trunk's checkpoint at `step` as its own first
+checkpoint (`seed_from_trunk`), so `lora-jax train` resumes it from there with its own schedule.
+`run_sequentially` skips finished runs (an `export/` directory: it is written after the last
+step) and resumes started ones.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +44,9 @@ class PlannedRun:
   config_path: str = ""
   group: str = ""
   variant: str = ""
+  start_from: str = ""  # another run's checkpoint (<output_dir>/checkpoints/<step>) to start from
+  after: str = ""  # the run that writes `start_from` (planned earlier in the same sweep)
+  plan: dict = dataclasses.field(default_factory=dict)  # the file's describe(variant), if any
 
   def argv(self, program: Sequence[str] = TRAIN_PROGRAM) -> list[str]:
     out = [*program, "--config", self.config_path]
@@ -157,8 +169,9 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
     overrides = config_overrides(base, cfg)
     overrides["output_dir"] = cfg.output_dir  # always explicit: launchers and logs read it
     overrides.update(extra)
+    plan = module.describe(variant) if hasattr(module, "describe") else {}
     run = PlannedRun(name=name, overrides=overrides, config_path=config_path, group=group,
-              variant=variant)
+                     variant=variant, plan=plan)
     if name in seen:
       if seen[name].overrides != overrides:
         raise ValueError(f"{config_path}: variants {seen[name].variant!r} and {variant!r} share "
@@ -166,7 +179,27 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
       continue
     seen[name] = run
     runs.append(run)
-  return runs
+  return _link_branches(module, runs, seen)
+
+
+def _link_branches(module, runs: list[PlannedRun],
+                   by_name: dict[str, PlannedRun]) -> list[PlannedRun]:
+  """Points each branch (`branch_of`) at its trunk's checkpoint when the trunk is planned, and
+  orders every trunk before its branches."""
+  branch_of = getattr(module, "branch_of", None)
+  if branch_of is None:
+    return runs
+  linked = []
+  for run in runs:
+    got = branch_of(run.variant)
+    trunk = by_name.get(_name(module, got[0], 0)) if got else None
+    if trunk is not None:
+      run = dataclasses.replace(
+          run, after=trunk.name,
+          start_from=f"{trunk.output_dir.rstrip('/')}/{CHECKPOINT_DIR}/{got[1]}")
+    linked.append(run)
+  position = {r.name: i for i, r in enumerate(linked)}
+  return sorted(linked, key=lambda r: (position[r.after] + 0.5) if r.after else position[r.name])
 
 
 def _check_extra(extra: Iterable[str]) -> dict[str, str]:
@@ -198,15 +231,62 @@ def local_program() -> list[str]:
   return [sys.executable, "-m", "lora_jax.cli", "train"]
 
 
+CHECKPOINT_DIR = "checkpoints"  # lora_jax.checkpoint.CHECKPOINT_DIR (that module imports JAX)
+EXPORT_DIR = "export"
+
+
+def is_finished(run: PlannedRun) -> bool:
+  """The run exported its model, which `lora-jax train` does only after the last step."""
+  d = os.path.join(run.output_dir, EXPORT_DIR)
+  return os.path.isdir(d) and bool(os.listdir(d))
+
+
+def _has_checkpoints(output_dir: str) -> bool:
+  d = os.path.join(output_dir, CHECKPOINT_DIR)
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def seed_from_trunk(run: PlannedRun) -> bool:
+  """Before a branch's first start, its trunk checkpoint becomes its own first checkpoint
+  (hard links where the filesystem allows, else a copy; placed by one rename). False when there
+  is nothing to do (not a branch, or the branch already has checkpoints: it resumes)."""
+  if not run.start_from or _has_checkpoints(run.output_dir):
+    return False
+  if not os.path.isdir(run.start_from):
+    raise FileNotFoundError(f"run {run.name}: its trunk checkpoint {run.start_from} does not "
+                            f"exist; run {run.after or 'the trunk'} first (it keeps that step)")
+  dest = os.path.join(run.output_dir, CHECKPOINT_DIR, os.path.basename(run.start_from))
+  tmp = dest + ".seeding"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  try:
+    shutil.copytree(run.start_from, tmp, copy_function=os.link)
+  except OSError:  # another filesystem, or no hard links
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run.start_from, tmp)
+  os.rename(tmp, dest)
+  return True
+
+
 def run_sequentially(runs: Sequence[PlannedRun], *,
                      call: Callable[[list[str]], int] | None = None, keep_going: bool = False,
                      log: Callable[[str], None] = print) -> int:
-  """Runs each training run in its own process, in order; 0 if all succeeded. A run that was
-  preempted or killed resumes from its output_dir when the sweep is started again."""
+  """Runs each training run in its own process, in order; 0 if all succeeded. Finished runs
+  are skipped; a run that was preempted or killed resumes from its output_dir when the sweep is
+  started again; a branch is seeded from its trunk's checkpoint before its first start."""
   call = call or subprocess.call
   failed = []
   for i, run in enumerate(runs, 1):
+    if is_finished(run):
+      log(f"[{i}/{len(runs)}] {run.name}: finished, skipped")
+      continue
+    if run.after in failed:
+      failed.append(run.name)
+      log(f"[{i}/{len(runs)}] {run.name}: not started, its trunk {run.after} failed")
+      continue
     log(f"[{i}/{len(runs)}] {run.name}")
+    if seed_from_trunk(run):
+      log(f"  starts from {run.start_from}")
     rc = call(run.argv(local_program()))
     if rc:
       failed.append(run.name)
