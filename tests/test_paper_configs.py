@@ -108,10 +108,11 @@ def test_cpt_schedule_budget_and_checkpoints(modules):
     assert (s.warmup_steps, s.warmup_fraction, s.inv_sqrt_scale_steps) == (1000, 0.0, 1000)
     assert (s.alpha_f_decay, s.alpha_f_cooldown, s.cooldown_fraction) == (1.0, 0.0, 0.2)
     assert c.train.token_budget == 20_000_000_000 and not c.train.epochs
-    assert m.BUDGETS == (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 20e9)  # no 10B
+    budgets = m.common.CPT_BUDGETS
+    assert budgets == (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 20e9)  # no 10B
     steps = m.common.checkpoint_steps(m.common.regime(vars(m)))
     # the trunk keeps the step at or before 0.8 T of each smaller budget
-    assert steps == [math.floor(0.8 * t / (192 * 4096)) for t in m.BUDGETS[:-1]]
+    assert steps == [math.floor(0.8 * t / (192 * 4096)) for t in budgets[:-1]]
     assert steps == [254, 508, 1017, 2034, 4069, 8138, 16276]
     assert c.train.keep_steps == ",".join(str(s) for s in steps)
     branch = m.get_config("tokens=4e9")

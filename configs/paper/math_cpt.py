@@ -4,7 +4,7 @@ Paper values (sources in lora_jax/experiments/paper_regimes.py): seq 4096, globa
 (786,432 tokens per step); LLM-Foundry inv_sqrt_with_warmup with t_warmup = t_scale = 1000
 batches, alpha_f_decay = 1 (flat after warmup), a linear cooldown to 0 over the last 20% (5086
 of the 20B run's 25,432 batches); decoupled LionW (0.9, 0.95), weight decay 0, clip 1.0; LR
-full FT 1e-5, LoRA 4e-5. Budgets 0.25, 0.5, 1, 2, 4, 8, 16, 20B tokens (BUDGETS), each after its
+full FT 1e-5, LoRA 4e-5. Budgets 0.25, 0.5, 1, 2, 4, 8, 16, 20B tokens (common.CPT_BUDGETS), each after its
 own cooldown: the 20B trunk, and a branch per smaller budget retrained from the trunk's
 checkpoint at 0.8 T (`lora-jax sweep` seeds it). With 1000 warmup batches the 0.25B (318 steps)
 and 0.5B (636 steps) budgets end inside the warmup, so their cooldown never starts (the
@@ -31,12 +31,7 @@ SEQ_LEN = 4096
 GLOBAL_BATCH = 192
 LR = {"full": 1e-5, "lora": 4e-5}
 WEIGHT_DECAY = 0.0
-WARMUP_STEPS = 1000  # t_warmup, batches
-T_SCALE_STEPS = 1000  # t_scale, batches
-ALPHA_F_DECAY = 1.0  # the inverse-sqrt term is flat: warmup, constant, cooldown
-ALPHA_F_COOLDOWN = 0.0
-TOKEN_BUDGET = 20e9  # the trunk
-BUDGETS = (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 20e9)
+TOKEN_BUDGET = 20e9  # the trunk; budgets and schedule: common.CPT_BUDGETS, common.CPT_SCHEDULE
 CHECKPOINT_EVERY = 500  # steps, for resuming (~1 h on a v5p-64); 25,432 steps in all
 LR_SEARCH_BUDGET = {"tokens": 2e9}  # our choice: LR search at 2B tokens
 LR_GRID = {"full": (5e-6, 1e-5, 2e-5, 5e-5), "lora": (1e-5, 2e-5, 4e-5, 1e-4)}

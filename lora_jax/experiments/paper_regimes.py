@@ -74,6 +74,11 @@ TARGET_MODULES = {"all": "all", "attention": "attention", "mlp": "mlp",
 TARGETS = tuple(TARGET_MODULES)
 LORA_DROPOUT = 0.05
 COOLDOWN_FRACTION = 0.2  # CPT: the last 20% of every budget is its cooldown (Appendix A)
+# CPT, both domains: LLM-Foundry inv_sqrt_with_warmup as the paper set it (Appendix A), in
+# batches; alpha_f_decay = 1 makes the inverse-sqrt term flat (warmup, constant, cooldown).
+CPT_SCHEDULE = {"warmup_steps": 1000, "inv_sqrt_scale_steps": 1000, "alpha_f_decay": 1.0,
+                "alpha_f_cooldown": 0.0, "cooldown_fraction": COOLDOWN_FRACTION}
+CPT_BUDGETS = (0.25e9, 0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 20e9)  # tokens; no 10B (Appendix A)
 
 DEFAULT_PARAMS = {
     "method": "lora", "rank": 16, "alpha": None, "targets": "all", "lr": None, "epochs": None,
@@ -210,7 +215,7 @@ def branch_start_step(regime: Any, tokens: float) -> int:
 
 def checkpoint_steps(regime: Any) -> list[int]:
   """CPT: the trunk steps its cooldown branches start from (train.keep_steps of the trunk)."""
-  return [branch_start_step(regime, t) for t in regime.BUDGETS if t < regime.TOKEN_BUDGET]
+  return [branch_start_step(regime, t) for t in CPT_BUDGETS if t < regime.TOKEN_BUDGET]
 
 
 def cooldown_branch(regime: Any, arg: str | None) -> tuple[str, int] | None:
@@ -288,11 +293,7 @@ def build(regime: Any, arg: str | None = None):
     c.train.token_budget = int(p["tokens"] or regime.TOKEN_BUDGET)
     c.schedule.name = "inv_sqrt_with_warmup"
     c.schedule.warmup_fraction = 0.0
-    c.schedule.warmup_steps = regime.WARMUP_STEPS
-    c.schedule.inv_sqrt_scale_steps = regime.T_SCALE_STEPS
-    c.schedule.alpha_f_decay = regime.ALPHA_F_DECAY
-    c.schedule.alpha_f_cooldown = regime.ALPHA_F_COOLDOWN
-    c.schedule.cooldown_fraction = COOLDOWN_FRACTION
+    c.schedule.update(CPT_SCHEDULE)
     c.train.checkpoint_every = regime.CHECKPOINT_EVERY
   else:
     c.data.pack = p["pack"]
@@ -372,7 +373,7 @@ def budget_axis(regime: Any) -> list[dict[str, Any]]:
   then one cooldown branch per smaller budget (each starts from the trunk; `cooldown_branch`)."""
   if regime.KIND == "ift":
     return [{"epochs": float(e)} for e in regime.EPOCHS]
-  return [{"tokens": None}] + [{"tokens": float(t)} for t in regime.BUDGETS
+  return [{"tokens": None}] + [{"tokens": float(t)} for t in CPT_BUDGETS
                                if t < regime.TOKEN_BUDGET]
 
 
