@@ -96,6 +96,15 @@ def test_config_file_that_does_not_load(tmp_path, capsys):
   assert rc == 2 and f"{broken}:1" in line and "SyntaxError" in line, line
 
 
+@pytest.mark.parametrize("where", ["module", "get_config"])
+def test_config_file_that_calls_sys_exit(tmp_path, capsys, where):
+  path = tmp_path / "exits.py"
+  path.write_text("import sys\nsys.exit(3)\n" if where == "module" else
+                  "import sys\ndef get_config():\n  sys.exit(0)\n")
+  rc, line = _train(tmp_path, capsys, config=path)
+  assert rc == 2 and "sys.exit" in line and f"{path}:" in line, line
+
+
 @pytest.mark.slow
 def test_batch_not_divisible_by_the_data_axis(tmp_path):
   """4 fake CPU devices: global_batch 6 cannot be split over mesh.data=4 (nor 2x2 data x fsdp)."""
@@ -137,6 +146,23 @@ def test_binary_garbage_names_file_and_line(tmp_path, capsys):
   path.write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)) * 3 + b"\n")
   rc, msg = _train(tmp_path, capsys, *_jsonl(f"--config.data.path={path}"))
   assert rc == 2 and msg.startswith(f"lora-jax train: data error: {path}:2: not valid UTF-8"), msg
+
+
+def test_lone_surrogate_in_training_data_names_file_and_line(tmp_path, capsys):
+  path = tmp_path / "surrogate.jsonl"
+  path.write_text('{"text": "fine \\ud83d\\ude00"}\n{"text": "bad \\ud800 here"}\n')
+  rc, msg = _train(tmp_path, capsys, *_jsonl(f"--config.data.path={path}"))
+  assert rc == 2 and msg.startswith(f"lora-jax train: data error: {path}:2: "), msg
+  assert "lone surrogate" in msg and "\\ud800" in msg, msg
+
+
+def test_lone_surrogate_in_eval_data_names_file_and_line(tmp_path):
+  from lora_jax.data.errors import DataError
+  from lora_jax.evals.task_data import read_rows
+  path = tmp_path / "rows.jsonl"
+  path.write_text('{"question": "ok"}\n{"question": "\\udfff"}\n')
+  with pytest.raises(DataError, match=f"{path}:2: .*lone surrogate"):
+    read_rows(str(path))
 
 
 @pytest.mark.parametrize("make, words", [
@@ -206,6 +232,26 @@ def test_hf_model_path_with_a_bad_config_json(tmp_path, capsys):
   rc, msg = _train(tmp_path, capsys, f"--config.model.hf_path={tmp_path / 'm'}")
   assert rc == 2 and msg.startswith("lora-jax train: config error: model.hf_path: "), msg
   assert str(tmp_path / "m") in msg and "vocab_size" in msg, msg
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("hidden_size", "64", "hidden_size: expected a positive integer, got '64'"),
+    ("num_hidden_layers", -1, "num_hidden_layers: expected a positive integer, got -1"),
+    ("rms_norm_eps", "tiny", "rms_norm_eps: expected a positive number"),
+])
+def test_hf_config_json_with_a_bad_value_names_the_key(tiny_hf, tmp_path, capsys, key, value,
+                                                       words):
+  model = tmp_path / "m"
+  shutil.copytree(tiny_hf, model)
+  hf_config = json.loads((model / "config.json").read_text())
+  hf_config[key] = value
+  (model / "config.json").write_text(json.dumps(hf_config))
+  rc, msg = _train(tmp_path, capsys, f"--config.model.hf_path={model}")
+  assert rc == 2 and str(model / "config.json") in msg and words in msg, msg
+  # The same file through `lora-jax convert`: one line, the file and the key.
+  assert cli.main(["convert", str(model), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and str(model / "config.json") in err and words in err, err
 
 
 def test_hf_model_path_without_weights(tiny_hf, tmp_path, capsys):

@@ -129,6 +129,9 @@ def _file_errors(path: str):
     yield
   except ConfigError:
     raise
+  except SystemExit as e:  # a config file must not end the program silently
+    raise ConfigError("config", f"{_line_in(path, e)}: the config file called sys.exit"
+                      f"({e.code!r}); a config file must define get_config()") from None
   except Exception as e:  # noqa: BLE001
     raise ConfigError("config", f"{_line_in(path, e)}: {type(e).__name__}: {e}") from None
 

@@ -13,6 +13,9 @@ import dataclasses
 from typing import Any
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,7 @@ class LlamaConfig:
   attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
 
   def __post_init__(self):
+    self._check_types()
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
           f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -54,6 +58,27 @@ class LlamaConfig:
       if rope_type not in _ROPE_TYPES:
         raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported; "
                          f"use one of {_ROPE_TYPES}")
+
+  def _check_types(self):
+    """Each size a positive int and each float a number, so a bad `config.json` value (e.g.
+    `"hidden_size": "64"` or `"num_hidden_layers": -1`) is reported by its own key."""
+    for key in _POSITIVE_INTS:
+      value = getattr(self, key)
+      if value is None and key == "head_dim":
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+    for key in ("bos_token_id", "eos_token_id"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}: expected a token id (an integer >= 0), got {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key}: expected a positive number, got {value!r}")
+    if not isinstance(self.attention_dropout, (int, float)) or not 0 <= self.attention_dropout < 1:
+      raise ValueError(f"attention_dropout: expected a number in [0, 1), got "
+                       f"{self.attention_dropout!r}")
 
   @property
   def dh(self) -> int:
@@ -100,7 +125,9 @@ class LlamaConfig:
         bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
         eos_token_id=_first(hf.get("eos_token_id", 2)),
     )
-    if kwargs["head_dim"] == kwargs["hidden_size"] // kwargs["num_attention_heads"]:
+    sizes = (kwargs["hidden_size"], kwargs["num_attention_heads"])
+    if (all(type(x) is int and x > 0 for x in sizes)  # else __post_init__ names the bad key
+        and kwargs["head_dim"] == sizes[0] // sizes[1]):
       kwargs["head_dim"] = None
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from lora_jax.data.errors import DataError, describe_type
+from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ def parse_json_record(raw: bytes, where: str, skip: bool) -> dict:
     return malformed(where, f"invalid JSON ({e.msg} at column {e.colno})", skip)
   if not isinstance(obj, dict):
     return malformed(where, f"expected a JSON object, got {describe_type(obj)}", skip)
+  surrogate = lone_surrogate(text, obj)
+  if surrogate:
+    return malformed(where, surrogate, skip)
   obj[WHERE] = where
   return obj
 

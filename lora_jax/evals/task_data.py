@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from lora_jax.data.errors import DataError, describe_type
+from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 
 FORMATS = {
     "gsm8k": ('jsonl rows {"question": str, "answer": str ending in "#### <number>"} (HF gsm8k) '
@@ -112,6 +112,9 @@ def read_rows(path: str, *, allow_empty: bool = False) -> list[dict[str, Any]]:
         raise DataError(where, f"bad JSON ({e})") from None
       if not isinstance(row, dict):
         raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
+      surrogate = lone_surrogate(line, row)
+      if surrogate:
+        raise DataError(where, surrogate)
       row["_where"] = where
       rows.append(row)
   if not rows and not allow_empty:
