@@ -138,3 +138,28 @@ def test_run_evals_lora_unmerged_equals_merged(data_dir, tmp_path):
   assert rc == 0
   assert res.read_results(str(tmp_path / "d"))["adapter"] == adapter_dir
   np.testing.assert_allclose([r["logprobs"] for r in rows("d")], la, atol=1e-4)
+
+
+def test_passk_curve_option(hf_model, data_dir, tmp_path, capsys):
+  """--passk-curve: pass@k for every k = 1..n at T = 0.8 (the paper's Appendix F); n here is small."""
+  import argparse
+  from lora_jax.commands import evaluate
+  from lora_jax.evals import passk
+  p = argparse.ArgumentParser()
+  evaluate.add_arguments(p)
+  base = ["--model", "m", "--out", "o"]
+  assert evaluate._humaneval_sampling(p.parse_args(base)) == {
+      "humaneval_samples": 50, "humaneval_temperature": 0.2}
+  curve = evaluate._humaneval_sampling(p.parse_args(base + ["--passk-curve"]))
+  assert curve["humaneval_samples"] == 256 and curve["humaneval_temperature"] == 0.8
+  assert curve["humaneval_ks"] == tuple(range(1, 257))
+  out = str(tmp_path / "curve")
+  rc = cli.main(["eval", "--model", hf_model, "--tokenizer", "byte", "--data-dir", data_dir,
+                 "--tasks", "humaneval", "--limit", "2", "--passk-curve",
+                 "--humaneval-samples", "4", "--max-new-tokens", "4", "--quiet", "--out", out])
+  assert rc == 0, capsys.readouterr().err
+  results = res.read_results(out)
+  ks, values = passk.curve(results)
+  assert ks == [1, 2, 3, 4] and values == sorted(values)  # pass@k never falls with k
+  he = [e for e in results["results"] if e["metric"] == "pass@1"][0]
+  assert he["settings"]["temperature"] == 0.8 and he["n"] == 4

@@ -49,3 +49,13 @@ def test_estimate_and_table():
   assert passk.valid_ks([50, 20], (1, 10, 100, 10)) == [1, 10]
   with pytest.raises(ValueError):
     passk.estimate_pass_at_k([10, 10], [1], 1)
+
+
+def test_curve_points_and_reading_them_back():
+  from lora_jax.evals import passk
+  assert passk.curve_ks() == tuple(range(1, 257)) and passk.CURVE_TEMPERATURE == 0.8
+  results = {"results": [{"task": "humaneval", "metric": "pass@10", "value": 0.5},
+                         {"task": "humaneval", "metric": "pass@2", "value": 0.3},
+                         {"task": "humaneval", "metric": "unique_passing", "value": 3.0},
+                         {"task": "gsm8k", "metric": "pass@1", "value": 0.9}]}
+  assert passk.curve(results) == ([2, 10], [0.3, 0.5])

@@ -51,9 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="cast params and compute in this dtype (default: params as stored, float32 "
                       "compute)")
   p.add_argument("--gsm8k-max-new-tokens", type=argtypes.positive_int, default=256)
-  p.add_argument("--humaneval-samples", type=argtypes.positive_int, default=50,
+  p.add_argument("--passk-curve", action="store_true",
+                 help="HumanEval pass@k for every k = 1..n, from n = 256 samples at T = 0.8 "
+                      "unless given (the paper's Appendix F / Fig. S9)")
+  p.add_argument("--humaneval-samples", type=argtypes.positive_int, default=None,
                  help="n per problem (paper: 50)")
-  p.add_argument("--humaneval-temperature", type=argtypes.non_negative_float, default=0.2)
+  p.add_argument("--humaneval-temperature", type=argtypes.non_negative_float, default=None,
+                 help="default 0.2 (0.8 with --passk-curve)")
   p.add_argument("--humaneval-top-p", type=argtypes.probability, default=0.95)
   p.add_argument("--max-new-tokens", type=argtypes.positive_int, default=512,
                  help="HumanEval completion budget")
@@ -120,6 +124,20 @@ def _checkpoint_metadata(path: str) -> dict:
   return dict(read_checkpoint_info(path).get("metadata") or {})
 
 
+def _humaneval_sampling(args) -> dict:
+  """n, temperature and ks: the paper's pass@1 setting (n = 50, T = 0.2), or its pass@k curve."""
+  from lora_jax.evals import passk
+  if args.passk_curve:
+    n = args.humaneval_samples or passk.CURVE_SAMPLES
+    temperature = args.humaneval_temperature
+    return {"humaneval_samples": n, "humaneval_ks": passk.curve_ks(n),
+            "humaneval_temperature": passk.CURVE_TEMPERATURE if temperature is None
+            else temperature}
+  return {"humaneval_samples": args.humaneval_samples or 50,
+          "humaneval_temperature": 0.2 if args.humaneval_temperature is None
+          else args.humaneval_temperature}
+
+
 def run(args: argparse.Namespace) -> int:
   from lora_jax.data.errors import DataError
   from lora_jax.evals import results as res
@@ -132,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, fewshot_seed=args.fewshot_seed, add_bos=args.bos,
         mc_headline=args.mc_metric, merge_lora=args.merge_lora,
         gsm8k_max_new_tokens=args.gsm8k_max_new_tokens,
-        humaneval_samples=args.humaneval_samples,
-        humaneval_temperature=args.humaneval_temperature, humaneval_top_p=args.humaneval_top_p,
+        **_humaneval_sampling(args), humaneval_top_p=args.humaneval_top_p,
         humaneval_max_new_tokens=args.max_new_tokens, humaneval_workers=args.workers,
         progress=not args.quiet)
     from lora_jax.evals.runner import check_data

@@ -2,6 +2,10 @@
 
 `pass_at_k(n, c, k)` uses the numerically stable product form of the human-eval repository,
 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms the (huge) binomial coefficients.
+
+The paper's pass@k curve (Appendix F, Fig. S9): k = 1..256 from n = 256 samples per problem at
+temperature 0.8 (CURVE_SAMPLES, CURVE_TEMPERATURE; `lora-jax eval --passk-curve`); `curve` reads
+it back from a results dict.
 """
 
 from __future__ import annotations
@@ -10,6 +14,23 @@ import math
 from typing import Iterable, Sequence
 
 import numpy as np
+
+
+CURVE_SAMPLES = 256
+CURVE_TEMPERATURE = 0.8
+
+
+def curve_ks(num_samples: int = CURVE_SAMPLES) -> tuple[int, ...]:
+  """Every k from 1 to n: the points of the pass@k curve."""
+  return tuple(range(1, int(num_samples) + 1))
+
+
+def curve(results: dict, task: str = "humaneval") -> tuple[list[int], list[float]]:
+  """(ks, pass@k) of every pass@k entry of `task` in a results dict, sorted by k."""
+  pts = sorted((int(e["metric"][len("pass@"):]), float(e["value"]))
+               for e in results.get("results", [])
+               if e.get("task") == task and str(e.get("metric", "")).startswith("pass@"))
+  return [k for k, _ in pts], [v for _, v in pts]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

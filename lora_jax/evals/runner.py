@@ -45,6 +45,7 @@ class EvalOptions:
   humaneval_max_new_tokens: int = 512
   humaneval_workers: int = 2
   humaneval_seed: int = 0
+  humaneval_ks: tuple[int, ...] | None = None  # pass@k reported (None: 1, 10, 100)
   progress: bool = True
 
 
@@ -214,7 +215,8 @@ def _run_humaneval(models: _Models, path: str | None, options: EvalOptions,
       models.generate_fn, problems_path=path, n_samples=options.humaneval_samples,
       temperature=options.humaneval_temperature, top_p=options.humaneval_top_p,
       max_new_tokens=options.humaneval_max_new_tokens, limit=options.limit, out_dir=out_dir,
-      workers=options.humaneval_workers, seed=options.humaneval_seed)
+      workers=options.humaneval_workers, seed=options.humaneval_seed,
+      **({"ks": options.humaneval_ks} if options.humaneval_ks else {}))
   out = []
   for e in entries:
     e = dict(e)
