@@ -98,3 +98,34 @@ def test_a_file_is_never_replaced_by_a_directory(tmp_path, model):
   with pytest.raises(FileExistsError, match="not a directory"):
     hf.save_hf(tmp_path / "x", config, params, overwrite=True)
   assert (tmp_path / "x").read_text() == "data"
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--model", "MODEL", "--tasks", "gsm8k"],
+    ["analyze", "--base", "MODEL", "--finetuned", "MODEL"],
+    ["report", "--runs", "MODEL"],
+])
+def test_commands_refuse_an_out_dir_holding_other_files(tmp_path, capsys, command):
+  """Checked before any work: MODEL does not even exist, the refusal comes first."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  argv = [str(tmp_path / "missing") if a == "MODEL" else a for a in command]
+  assert main(argv + ["--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "notes.txt" in err and "--overwrite" in err, err
+  assert sorted(os.listdir(out)) == ["notes.txt"]
+  # With --overwrite the command goes on (and fails later on the missing model, writing nothing).
+  assert main(argv + ["--out", str(out), "--overwrite"]) == 2
+  assert "notes.txt" not in capsys.readouterr().err
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_eval_into_its_own_previous_output_needs_no_flag(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "results.json").write_text("{}")
+  (out / "samples_gsm8k.jsonl").write_text("")
+  assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "gsm8k",
+               "--out", str(out)]) == 2
+  assert "--overwrite" not in capsys.readouterr().err

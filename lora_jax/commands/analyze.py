@@ -12,11 +12,16 @@ HELP = ("Spectral analysis of W_ft - W_base per layer and module (rank@p of the 
         "rank, relative norm, optional intruder dimensions): spectra.npz, analysis.json, plots.")
 
 
+# What `analyze` writes into --out (an --out holding other files needs --overwrite).
+OWNED_FILES = ("spectra.npz", "analysis.json", "*.png")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--base", required=True, help="base model: HF directory or lora-jax checkpoint")
   p.add_argument("--finetuned", required=True,
                  help="finetuned model: HF directory, lora-jax checkpoint, or PEFT adapter directory")
   p.add_argument("--out", required=True, type=argtypes.output_dir, help="output directory (e.g. <run>/analysis)")
+  argtypes.add_overwrite_flag(p)
   p.add_argument("--modules", default="all",
                  help="comma-separated modules (q_proj,...,down_proj) or attention / mlp / all")
   p.add_argument("--layers", default=None, type=argtypes.int_list, help="comma-separated layer indices (default: all)")
@@ -55,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
   from lora_jax import analysis
 
   try:
+    argtypes.claim_output_dir(args.out, OWNED_FILES, args.overwrite)
     result = analysis.analyze(
         args.base, args.finetuned, modules=args.modules, layers=args.layers, variance=args.variance,
         intruders=args.intruders, intruder_k=args.intruder_k, intruder_eps=args.intruder_eps,
         layer_batch=args.layer_batch or None, progress=not args.quiet)
-  except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+  except (ValueError, OSError, KeyError, RuntimeError) as e:
     print(f"lora-jax analyze: {e}", file=sys.stderr)
     return 2
   if args.random_n > 0:

@@ -69,6 +69,20 @@ def existing_dir(text: str) -> str:
   return path
 
 
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files (they are kept; only this "
+                      "command's own files are replaced)")
+
+
+def claim_output_dir(path: str, owned: tuple[str, ...], overwrite: bool) -> None:
+  """Refuses (FileExistsError) an existing `path` holding files this command does not write,
+  unless `overwrite`; call it before any work. The command never deletes what it did not write."""
+  from lora_jax.fileio import check_replaceable
+  if not _is_url(path):
+    check_replaceable(path, owned, overwrite)
+
+
 def output_dir(text: str) -> str:
   """An output directory: it may exist as a directory, never as a file (checked before any work)."""
   if not text.strip():

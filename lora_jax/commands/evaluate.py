@@ -13,6 +13,8 @@ HELP = ("Evaluate a model (HF dir, lora-jax checkpoint, or base + PEFT adapter) 
         "gsm8k, hellaswag, arc_challenge, arc_easy, winogrande, piqa and forgetting.")
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# What `eval` writes into --out (an --out holding other files needs --overwrite).
+OWNED_FILES = ("results.json", "samples_*.jsonl", "humaneval_results.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "(e.g. gsm8k/test.jsonl, hellaswag/validation.jsonl)")
   p.add_argument("--out", required=True, type=argtypes.output_dir,
                  help="output directory for results.json and samples")
+  argtypes.add_overwrite_flag(p)
   p.add_argument("--limit", type=argtypes.positive_int, default=None,
                  help="first N examples of every task")
   p.add_argument("--tokenizer", default=None,
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
   from lora_jax.evals.runner import EvalOptions, expand_tasks, run_evals
 
   try:
+    argtypes.claim_output_dir(args.out, OWNED_FILES, args.overwrite)
     tasks = expand_tasks(args.tasks)
     options = EvalOptions(
         data_dir=args.data_dir, limit=args.limit, num_fewshot=parse_fewshot(args.num_fewshot),
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = args.tokens if args.tokens is not None else meta.get("tokens")
     results = run_evals(config, params, lora, tokenizer, tasks, options, out_dir=args.out,
                         model=args.model, adapter=args.adapter, step=step, tokens=tokens)
-  except (FileNotFoundError, DataError, ValueError, RuntimeError) as e:
+  except (OSError, DataError, ValueError, RuntimeError) as e:
     print(f"lora-jax eval: {e}", file=sys.stderr)
     return 2
   print(res.format_table(results))
