@@ -11,8 +11,8 @@ Config files live in configs/; the paper's regimes and sweeps in lora_jax.experi
 
 from lora_jax.config.build import frozen_patterns, keep_steps, lora_config, model_config_from
 from lora_jax.config.errors import ConfigError
-from lora_jax.config.loading import (apply_override, call_get_config, load_config, load_module,
-                                     parse_override, split_overrides)
+from lora_jax.config.loading import (OVERRIDE_PREFIX, apply_override, call_get_config, load_config,
+                                     load_module, parse_override, split_overrides)
 from lora_jax.config.model import PRESETS, LlamaConfig, preset
 from lora_jax.config.schema import (RESUME_SAFE, check_schema, default_config, diff, flatten,
                                     from_dict, to_dict, validate_config)
@@ -21,5 +21,5 @@ __all__ = [
     "LlamaConfig", "preset", "PRESETS", "ConfigError", "default_config", "validate_config",
     "check_schema", "flatten", "to_dict", "from_dict", "diff", "RESUME_SAFE", "load_config",
     "load_module", "call_get_config", "apply_override", "parse_override", "split_overrides",
-    "model_config_from", "lora_config", "frozen_patterns", "keep_steps",
+    "OVERRIDE_PREFIX", "model_config_from", "lora_config", "frozen_patterns", "keep_steps",
 ]

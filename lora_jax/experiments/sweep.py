@@ -7,7 +7,8 @@ variant string ("method=lora,rank=256,epochs=4"), and `get_sweep()` returning
 `lora-jax train` loads `get_config()` with no argument, so a run is that command plus the
 `--config.key=value` overrides that turn the default variant into the run's: `expand_sweep`
 computes them as the difference between the two configs, which also checks every key against
-the schema. Nothing here imports JAX.
+the schema. Config files are loaded by `lora_jax.config.load_module`, as `lora-jax train` loads
+them.
 
 A file may define `describe(arg) -> dict` (steps, LR, schedule... shown by --dry-run) and
 `branch_of(arg) -> (trunk variant, step) | None` (the paper's CPT
@@ -51,7 +52,7 @@ class PlannedRun:
   def argv(self, program: Sequence[str] = TRAIN_PROGRAM) -> list[str]:
     out = [*program, "--config", self.config_path]
     for key in sorted(self.overrides):
-      out.append(f"--config.{key}={format_value(self.overrides[key])}")
+      out.append(f"{config.OVERRIDE_PREFIX}{key}={format_value(self.overrides[key])}")
     return out
 
   def command(self, program: Sequence[str] = TRAIN_PROGRAM) -> str:
