@@ -274,6 +274,7 @@ def _eval(tiny_hf, tmp_path, capsys, data_dir, tasks, *extra):
 
 
 def test_eval_missing_task_data_names_the_expected_file(tiny_hf, tmp_path, capsys):
+  (tmp_path / "empty_dir").mkdir()  # exists (a missing --data-dir is refused while parsing)
   rc, msg = _eval(tiny_hf, tmp_path, capsys, tmp_path / "empty_dir", "gsm8k,hellaswag")
   assert rc == 2
   assert os.path.join(str(tmp_path / "empty_dir"), "gsm8k/test.jsonl") in msg, msg
