@@ -1,5 +1,6 @@
 """Reports: reading run dirs (fixtures in tests/fixtures/report/), plot functions, write_report."""
 
+import json
 import os
 import re
 import shutil
@@ -137,7 +138,10 @@ def test_write_report_contains_every_figure(run_dirs, tmp_path):
   text = open(result["report"]).read()
   names = {os.path.basename(p) for p in result["figures"]}
   assert names == {"loss.png", "target.png", "forgetting.png", "pareto.png",
-                   "rank_by_layer.png", "spectra.png", "intruders.png"}
+                   "rank_by_layer.png", "spectra.png", "intruders.png",
+                   "fig1_learning_vs_budget.png", "fig2_forgetting_vs_budget.png",
+                   "fig3_learning_vs_forgetting.png", "fig5_diversity.png",
+                   "fig6_rank_across_budgets.png", "figS9_passk.png"}
   refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
   assert sorted(refs) == sorted(f"figures/{n}" for n in names)
   for ref in refs:
@@ -161,3 +165,102 @@ def test_write_report_without_analysis_or_evals(tmp_path):
   text = open(result["report"]).read()
   assert [os.path.basename(p) for p in result["figures"]] == ["loss.png"]
   assert "No run has an `analysis/` directory" in text and result["x_axis"] == "tokens"
+
+
+def test_report_against_the_paper(run_dirs, tmp_path, monkeypatch):
+  """Tiny runs shaped like code IFT (full FT, LoRA r=16; a regularized full FT and LoRA at other
+  targets/ranks): every supported paper figure, the paper's reference series and the table."""
+  from lora_jax.report import paper_figures
+  extra = []
+  for name, cfg in (("full_wd", {"method": "full", "lr": 5e-5, "regime": "ift",
+                                 "weight_decay": 1e-4}),
+                    ("lora_attn_r64", {"method": "lora", "rank": 64, "targets": "attention",
+                                       "regime": "ift"})):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, "lora_r16"), d)
+    os.remove(d / "config.json")
+    (d / "run.json").write_text(json.dumps(cfg))
+    extra.append(str(d))
+  legends = {}
+  save = paper_figures.plots.save_figure
+
+  def record(fig, path):
+    legends[os.path.basename(path)] = [t.get_text() for ax in fig.axes if ax.get_legend()
+                                       for t in ax.get_legend().get_texts()]
+    return save(fig, path)
+
+  monkeypatch.setattr(paper_figures.plots, "save_figure", record)
+  out = str(tmp_path / "report")
+  result = report.write_report(run_dirs + extra, out, random_n=100)
+  names = {os.path.basename(p) for p in result["figures"]}
+  assert {"fig1_learning_vs_budget.png", "fig2_forgetting_vs_budget.png",
+          "fig3_learning_vs_forgetting.png", "fig4_regularizers.png", "fig5_diversity.png",
+          "fig6_rank_across_budgets.png", "fig7_targets_ranks.png", "figS9_passk.png"} <= names
+  for n in names:
+    _png_ok(os.path.join(out, "figures", n))
+  # the paper's series for the two matched settings, and none for the unmatched runs
+  fig1 = legends["fig1_learning_vs_budget.png"]
+  assert "paper code ift, full FT (Table S5)" in fig1
+  assert "paper code ift, LoRA r=16 (Table S5)" in fig1
+  assert sum(l.startswith("paper") for l in fig1) == 2
+  assert "paper code ift, LoRA r=16 (Table S6)" in legends["fig2_forgetting_vs_budget.png"]
+  text = open(result["report"]).read()
+  table = text[text.index("### This run vs the paper"):].splitlines()
+  rows = [l.split(" | ") for l in table if l.startswith("| ") and " | paper code ift" in l]
+  assert not any("[full_wd]" in r[0] or "attention" in r[0] for r in rows)  # unmatched runs
+  # full FT at 1, 2, 4 epochs (the fixture evaluates epochs 1-4), learning and forgetting
+  full = {(r[2], r[3]): (float(r[4]), float(r[5])) for r in rows
+          if r[1] == "paper code ift, full FT"}
+  assert full[("1 ep", "learning (humaneval)")] == (0.30, 0.302)  # Table S5
+  assert full[("4 ep", "forgetting")][1] == 0.512  # Table S6
+  assert ("3 ep", "learning (humaneval)") not in full  # no paper column at 3 epochs
+  assert len(full) == 6
+  lora = {(r[2], r[3]): float(r[5]) for r in rows if r[1] == "paper code ift, LoRA r=16"}
+  assert lora[("2 ep", "learning (humaneval)")] == 0.275 and len(lora) == 6
+  assert "weight decay 0.0001" in text and "Tables S1-S8" in text
+
+
+def test_paper_tables_are_complete():
+  from lora_jax.report import paper_tables as pt
+  assert sorted(pt.TABLES) == [f"S{i}" for i in range(1, 9)]
+  for table, (regime, quantity, values) in pt.TABLES.items():
+    assert set(values) == set(pt.METHODS)
+    assert all(len(v) == len(pt.budgets(regime)) for v in values.values()), table
+  assert pt.series("math_cpt", "learning", "full")[1][-1] == 0.293
+  assert len(pt.CPT_TOKENS) == 8 and 10e9 not in pt.CPT_TOKENS
+
+
+def test_paper_match_for_cpt_budgets_and_methods():
+  from lora_jax.report import paper
+  from lora_jax.report.runs import EvalPoint, Run
+
+  def run(method, rank=None, targets="all", **cfg):
+    return Run("p", "x", method, rank, targets, 1e-5, [], [], None,
+               {"data": {"regime": "cpt"}, **cfg})
+
+  m = paper.match(run("lora", 256), "gsm8k")
+  assert (m.regime, m.method, m.label) == ("math_cpt", "lora_r256", "paper math cpt, LoRA r=256")
+  assert paper.budget_index(m, 2.0e9, None) == 3 and paper.budget_index(m, 2.1e9, None) is None
+  assert paper.budget_index(m, 0.25e9 * 1.01, None) == 0  # 318 steps x 786,432 tokens
+  assert paper.match(run("lora", 8), "gsm8k") is None  # the paper has no r=8
+  assert paper.match(run("lora", 16, "attention"), "gsm8k") is None
+  assert paper.match(run("lora", 16, lora={"alpha": 32.0}), "gsm8k") is not None
+  assert paper.match(run("lora", 16, lora={"alpha": 16.0}), "gsm8k") is None  # alpha != 2r
+  assert paper.match(run("full", optimizer={"weight_decay": 1e-6}), "humaneval").regime == (
+      "code_cpt")  # the paper's own code CPT weight decay
+  assert paper.match(run("full", model={"attention_dropout": 0.1}), "humaneval") is None
+  assert paper.match(run("full"), "hellaswag") is None
+  r = run("full")
+  r.evals = [EvalPoint(5087, 4e9, None, {"gsm8k": 0.25, "forgetting": 0.6})]
+  rows = paper.comparison_rows([r], "gsm8k")
+  assert [(x[2], x[3], x[5], x[7]) for x in rows] == [
+      ("4B tokens", "learning (gsm8k)", 0.224, "S3"), ("4B tokens", "forgetting", 0.629, "S4")]
+
+
+def test_report_cli_no_paper(tmp_path, capsys):
+  from lora_jax import cli
+  out = str(tmp_path / "r")
+  assert cli.main(["report", "--runs", os.path.join(FIXTURES, "full"), "--out", out,
+                   "--no-paper"]) == 0
+  text = open(os.path.join(out, "report.md")).read()
+  assert "## Against the paper" not in text and "## Learning vs forgetting" in text

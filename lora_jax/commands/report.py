@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--module", default=None, help="module whose spectra are plotted (default: first)")
   p.add_argument("--random-n", type=int, default=1000,
                  help="random baseline size when no analysis carries one")
+  p.add_argument("--no-paper", dest="paper", action="store_false",
+                 help="leave out the paper's figures 1-7 / S9, reference series and comparison")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
   try:
     argtypes.claim_output_dir(args.out, OWNED_FILES, args.overwrite)
     out = write_report(args.runs, args.out, target=args.target, x_axis=args.x, title=args.title,
-                       random_n=args.random_n, module=args.module)
+                       random_n=args.random_n, module=args.module, paper=args.paper)
   except (ValueError, OSError) as e:
     print(f"lora-jax report: {e}", file=sys.stderr)
     return 2

@@ -2,6 +2,9 @@
 
     from lora_jax.report import write_report, plot_pareto
     write_report(["runs/full", "runs/lora_r16"], "report/")
+
+`paper_tables` holds the paper's Tables S1-S8, `paper` matches runs to the paper's settings and
+`paper_figures` draws Figs. 1-7 and S9 with the paper's numbers as reference series.
 """
 
 from lora_jax.report.markdown import write_report

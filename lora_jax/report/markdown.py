@@ -7,7 +7,9 @@ Figures (under `<out>/figures/`, each only when its data exists): loss.png, targ
 forgetting.png (curves over tokens or epochs), pareto.png (learning vs forgetting, one point per
 checkpoint in training order), rank_by_layer.png (rank@p of dW per layer, a line per module,
 a panel per analyzed run), spectra.png (W_base vs dW of each analyzed run vs a random Gaussian
-matrix), intruders.png (intruder dimensions per layer).
+matrix), intruders.png (intruder dimensions per layer); then the paper's figures 1-7 and S9 that
+the runs support, with the paper's numbers as reference, and "this run vs the paper"
+(`report.paper_figures`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 from lora_jax.analysis.baseline import random_baseline  # noqa: E402
 from lora_jax.fileio import atomic_write_text  # noqa: E402
 from lora_jax.lora import ALL_MODULES  # noqa: E402
-from lora_jax.report import plots  # noqa: E402
+from lora_jax.report import paper_figures, plots  # noqa: E402
 from lora_jax.report.runs import (FORGETTING, FORGETTING_TASKS, Run, load_runs,  # noqa: E402
                                   pick_target, pick_x_axis)
 
@@ -220,13 +222,15 @@ def _spectral(runs, out, random_n, random_seed, module, lines) -> None:
 # --------------------------------------------------------------------------- entry point
 def write_report(runs: Sequence[str | Run], out_dir: str, *, target: str | None = None,
                  x_axis: str = "auto", title: str = "LoRA Learns Less and Forgets Less: report",
-                 random_n: int = 1000, random_seed: int = 0, module: str | None = None) -> dict:
+                 random_n: int = 1000, random_seed: int = 0, module: str | None = None,
+                 paper: bool = True) -> dict:
   """Writes `<out_dir>/report.md` and its figures; returns {"report": path, "figures": [...]}.
 
   `runs`: run directories or loaded `Run`s. `target`: the learning task (default: the most
   frequently evaluated non-forgetting task). `x_axis`: "tokens", "epoch" or "auto" (epochs when
   every run did at least one). `random_n`: size of the random baseline matrix when no analysis
   carries one. `module`: the module whose spectra are plotted (default: the first analyzed).
+  `paper`: add the paper's figures and the comparison with its tables (`report.paper_figures`).
   """
   if not runs:
     raise ValueError("write_report: no runs given")
@@ -261,6 +265,9 @@ def write_report(runs: Sequence[str | Run], out_dir: str, *, target: str | None 
   if target:
     sections.append(lambda ls: _pareto(runs, out_dir, x_axis, target, ls))
   sections.append(lambda ls: _spectral(runs, out_dir, random_n, random_seed, module, ls))
+  if paper:
+    sections.append(lambda ls: ls.extend(paper_figures.sections(runs, out_dir, x_axis, target,
+                                                                _table)))
   for section in sections:
     part: list[str] = []
     section(part)

@@ -39,6 +39,7 @@ class EvalPoint:
   tokens: int | None
   epoch: float | None
   scores: dict[str, float]  # task -> headline value (plus derived "forgetting")
+  metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # every metric
 
   @property
   def forgetting(self) -> float | None:
@@ -123,7 +124,11 @@ def _eval_json_point(doc: dict) -> EvalPoint:
   for task, value in (doc.get("headline") or {}).items():
     if _num(value):
       scores[task] = float(value)
-  return EvalPoint(doc.get("step"), doc.get("tokens"), doc.get("epoch"), with_forgetting(scores))
+  metrics: dict[str, dict[str, float]] = {}
+  for r in results:
+    metrics.setdefault(r["task"], {})[str(r.get("metric"))] = float(r["value"])
+  return EvalPoint(doc.get("step"), doc.get("tokens"), doc.get("epoch"), with_forgetting(scores),
+                   metrics)
 
 
 def _describe(cfg: dict) -> tuple[str | None, int | None, str | None, float | None, str | None]:
@@ -176,8 +181,10 @@ def load_run(path: str, label: str | None = None) -> Run:
   for r in lines:
     if isinstance(r.get("eval"), dict):
       scores = {t: v for t, m in r["eval"].items() if (v := pick_metric(m)) is not None}
+      metrics = {t: {k: float(v) for k, v in m.items() if _num(v)}
+                 for t, m in r["eval"].items() if isinstance(m, dict)}
       points[r.get("step")] = EvalPoint(r.get("step"), r.get("tokens"), r.get("epoch"),
-                                        with_forgetting(scores))
+                                        with_forgetting(scores), metrics)
   eval_files = (glob.glob(os.path.join(path, "evals", "*.json"))
                 + glob.glob(os.path.join(path, "evals", "*", "results.json")))
   for f in sorted(eval_files):
@@ -187,7 +194,9 @@ def load_run(path: str, label: str | None = None) -> Run:
     if old is not None:  # union of tasks; the eval JSON's values win
       p = EvalPoint(p.step, p.tokens if p.tokens is not None else old.tokens,
                     p.epoch if p.epoch is not None else old.epoch,
-                    with_forgetting({**old.scores, **p.scores}))
+                    with_forgetting({**old.scores, **p.scores}),
+                    {t: {**old.metrics.get(t, {}), **p.metrics.get(t, {})}
+                     for t in {**old.metrics, **p.metrics}})
     points[p.step] = p
   evals = []
   for p in points.values():
