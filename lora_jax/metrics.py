@@ -136,9 +136,10 @@ class MetricsWriter:
     if self._bar is not None and "loss" in record:
       self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('lr', 0):.2e}")
 
-  def advance(self, n: int = 1) -> None:
+  def advance(self) -> None:
+    """One more step on the progress bar."""
     if self._bar is not None:
-      self._bar.update(n)
+      self._bar.update(1)
 
   def close(self) -> None:
     if self._bar is not None:

@@ -5,7 +5,8 @@
     commit): every restart resumes from the newest committed checkpoint, and the final state and
     the whole loss sequence equal an uninterrupted run bitwise;
   - a committed newest checkpoint that was later truncated: the run resumes from the one before;
-  - SIGTERM: checkpoint + exit code 143 within 30 s, then the next start resumes;
+  - SIGTERM: a checkpoint of the step reached and exit code 143 at the next step, then the
+    next start resumes;
   - NaN loss: exit 1 naming the step, nothing saved past the last good checkpoint;
   - disk full while a checkpoint commits: exit 1 naming the last complete one, then resume;
   - a different config in the same output_dir: refused with the changed keys, unless --force;
@@ -190,30 +191,47 @@ def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
   assert fs.committed_steps(out) == [1, 2] and not (out / "checkpoints_unreadable").exists()
 
 
+# SIGTERM timing. A preempting scheduler gives a grace period (30 s on GCE spot / preemptible VMs)
+# in which the run must finish the step in flight, write one checkpoint and exit; for this tiny
+# run that takes a few seconds on an idle core. The bound below is that grace period doubled,
+# because this suite shares 2 CPU cores with other jobs; that the run stops at the next step
+# (not at the end of training) is asserted by step count, which load cannot change.
+SIGTERM_EXIT_S = 60
+STEP_SLEEP_S = 0.3  # makes every step this much slower, so the signal lands mid-run
+STARTUP_S = 300  # imports + first compilations before 3 steps are logged, on a loaded machine
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_preempted_and_the_next_start_resumes(reference, tmp_path):
   out = tmp_path / "run"
-  e = fs.env(LORA_JAX_TEST_STEP_SLEEP=0.3)  # slow steps: the signal lands mid-run
-  proc = subprocess.Popen(fs.train_cmd(out, *fs.RUN_ARGS, faults=True), env=e, cwd=fs.ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  e = fs.env(LORA_JAX_TEST_STEP_SLEEP=STEP_SLEEP_S)
+  # no periodic checkpoints: the one checkpoint on disk afterwards is the SIGTERM save
+  cmd = fs.train_cmd(out, *fs.RUN_ARGS, "--config.train.checkpoint_every=0", faults=True)
+  proc = subprocess.Popen(cmd, env=e, cwd=fs.ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + STARTUP_S
     while len(fs.metrics(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.05)
     assert proc.poll() is None, "the run ended before SIGTERM could be sent"
+    logged = fs.metrics(out)[-1]["step"]
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=4 * SIGTERM_EXIT_S)  # a hang fails, not blocks
     took = time.monotonic() - sent
   finally:
     if proc.poll() is None:
       proc.kill()
   first = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
   assert proc.returncode == 143, fs.tail(first)  # EXIT_PREEMPTED
-  assert took < 30, took
+  assert took < SIGTERM_EXIT_S, took
   assert "preempted" in stderr, fs.tail(first)
   stopped = fs.metrics(out)[-1]["step"]
-  assert 3 <= stopped < STEPS and fs.committed_steps(out)[-1] == stopped, fs.tail(first)
+  # Metrics lag one step behind the step in flight, and the signal is seen at the next step
+  # boundary: at most 2 steps past the last line logged when it was sent (+1 for a line
+  # written between reading the file and sending the signal).
+  assert 3 <= logged <= stopped <= logged + 3 and stopped < STEPS, (logged, stopped)
+  assert fs.committed_steps(out) == [stopped], fs.tail(first)
   second = fs.run_train(out, *fs.RUN_ARGS)
   assert second.returncode == 0 and fs.resumed_step(second.stderr) == stopped, fs.tail(second)
   assert fs.deterministic(fs.metrics(out)) == reference["metrics"]

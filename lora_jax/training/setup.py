@@ -57,7 +57,7 @@ class Trainer:
     tr_shapes, fr_shapes = split_params(self.shapes, self.labels)
     if not jax.tree_util.tree_leaves(tr_shapes):
       raise rc.ConfigError("full_ft_frozen", "freezes every parameter; nothing would train")
-    self.trainable_shapes, self.frozen_shapes = tr_shapes, fr_shapes
+    self.frozen_shapes = fr_shapes  # export rebuilds full trees from the LoRA leaves with them
     axes = param_logical_axes(mc, lora)
     self.param_sharding = sharding.tree_shardings(self.shapes, axes, self.mesh)
     self.base_sharding = sharding.tree_shardings(self.base_shapes, axes, self.mesh)
