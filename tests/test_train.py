@@ -41,6 +41,8 @@ def test_tiny_configs_lower_the_loss(tmp_path, name):
   result = train(cfg)
   losses = _losses(result)
   assert result.step == cfg.train.steps and len(losses) >= 5
+  # Seeded runs: on x86 CPU the loss drops by 0.27 (LoRA) and 1.90 (full FT) in 40 steps; the
+  # margins say each learns, leaving room for another backend's rounding.
   drop = 0.2 if name == "tiny_lora" else 1.0
   assert losses[-1] < losses[0] - drop, losses
   lines = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
@@ -74,7 +76,7 @@ def test_lora_trains_only_lora_leaves(tmp_path):
   assert len(big) == n_lora == 2 * 7 * 2  # 2 layers x 7 modules x (A, B)
   assert count_params(big) == count_params(lora_after) == trainer.n_trainable
   assert tree_bytes(big) == tree_bytes(lora_after)
-  assert tree_bytes(big) < tree_bytes(frozen_after) / 5
+  assert tree_bytes(big) < tree_bytes(frozen_after) / 5  # rank 4 vs the tiny model's width 64
 
 
 def _run_steps(cfg, n, data=None):
@@ -92,6 +94,7 @@ def test_microbatches_equal_one_big_batch(tmp_path, lora):
   losses1, params1 = _run_steps(cfg, 2)
   cfg.train.microbatches = 4  # 4 microbatches of 2 sequences
   losses4, params4 = _run_steps(cfg, 2)
+  # the same f32 sums in another order (per microbatch): equal up to rounding
   np.testing.assert_allclose(losses4, losses1, rtol=0, atol=1e-6)
   for path, x in _flat(params1).items():
     np.testing.assert_allclose(_flat(params4)[path], x, rtol=0, atol=1e-6, err_msg=str(path))

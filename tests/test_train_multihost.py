@@ -49,6 +49,8 @@ def test_two_processes_match_one(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
              JAX_PLATFORMS="cpu", **CACHE_ENV)
   env.pop("XLA_FLAGS", None)
+  # timeouts: a 3-step run with its compilations on a loaded 2-core machine takes ~1 min; a
+  # hang (e.g. a collective waiting for a dead peer) fails the test instead of blocking the suite
   single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), "0", "0", "1"],
                           env=env, capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-4000:]
@@ -70,6 +72,7 @@ def test_two_processes_match_one(tmp_path):
   assert ref["n"] == 1 and all(o["n"] == 2 and o["devices"] == 2 for o in outs)
   got = next(o for o in outs if o["pid"] == 0)
   assert len(got["losses"]) == len(ref["losses"]) == 3
+  # the cross-process all-reduce sums f32 partial sums in another order: equal up to rounding
   assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) < 1e-5
   assert got["exports"] == ["adapter"]
   assert os.path.isfile(tmp_path / "two" / "export" / "adapter" / "adapter_config.json")
