@@ -224,6 +224,14 @@ def test_dry_run_lists_the_papers_runs(regime, capsys):
       assert plan["schedule"] == {"name": "inv_sqrt_with_warmup", "t_warmup": 1000,
                                   "t_scale": 1000, "t_cooldown": round(0.2 * steps),
                                   "alpha_f_decay": 1.0, "alpha_f_cooldown": 0.0}, name
+      # Fig. 6: the spectral analysis of every full-FT budget's cooled-down model
+      analyze = [f for f in row["follow_ups"] if f[1] == "analyze"]
+      if "-full-" in name:
+        assert analyze == [["lora-jax", "analyze", "--base", "models/Llama-2-7b-hf",
+                            "--finetuned", f"{row['output_dir']}/export/hf", "--out",
+                            f"{row['output_dir']}/analysis", "--quiet"]], name
+      else:
+        assert analyze == [], name
       if plan["tokens"] < 20e9:  # a cooldown branch, started after its trunk from 0.8 T
         trunk = row["start_from"].split("/checkpoints/")[0].rsplit("/", 1)[1]
         assert names.index(trunk) < names.index(name) and trunk.endswith("-20B")

@@ -254,3 +254,23 @@ def test_run_sequentially_skips_finished_runs_and_orphaned_branches(tmp_path):
                               keep_going=True, log=logs.append)
   assert rc == 1 and len(calls) == 1  # only the trunk ran (and failed); the branch waits
   assert "done: finished, skipped" in logs[0] and "its trunk trunk failed" in logs[-2]
+
+
+def test_follow_ups_run_after_training_until_their_output_exists(tmp_path):
+  analysis = tmp_path / "r" / "analysis" / "analysis.json"
+  follow = sweep.FollowUp(("analyze", "--out", str(analysis.parent)), str(analysis))
+  run = sweep.PlannedRun("r", {"output_dir": str(tmp_path / "r")}, follow_ups=(follow,))
+  calls = []
+  assert sweep.run_sequentially([run], call=lambda argv: calls.append(argv) or 0,
+                                log=lambda s: None) == 0
+  assert calls[0][1:3] == ["-m", "lora_jax.cli"] and calls[0][3] == "train"
+  assert calls[1][3:] == ["analyze", "--out", str(analysis.parent)]
+  os.makedirs(tmp_path / "r" / "export" / "hf")  # finished: training is skipped, not analysis
+  calls.clear()
+  sweep.run_sequentially([run], call=lambda argv: calls.append(argv) or 0, log=lambda s: None)
+  assert [c[3] for c in calls] == ["analyze"]
+  os.makedirs(analysis.parent)
+  analysis.write_text("{}")
+  calls.clear()
+  sweep.run_sequentially([run], call=lambda argv: calls.append(argv) or 0, log=lambda s: None)
+  assert calls == []

@@ -5,11 +5,11 @@ Paper values (sources in lora_jax/experiments/paper_regimes.py): seq 4096, globa
 batches, alpha_f_decay = 1 (flat after warmup), a linear cooldown to 0 over the last 20% (5086
 of the 20B run's 25,432 batches); decoupled LionW (0.9, 0.95), weight decay 1e-6, clip 1.0; LR
 full FT 1e-5, LoRA 1e-5. Budgets 0.25, 0.5, 1, 2, 4, 8, 16, 20B tokens (common.CPT_BUDGETS),
-each after its
-own cooldown: the 20B trunk, and a branch per smaller budget retrained from the trunk's
-checkpoint at 0.8 T (`lora-jax sweep` seeds it). With 1000 warmup batches the 0.25B (318 steps)
-and 0.5B (636 steps) budgets end inside the warmup, so their cooldown never starts (the
-scheduler stays in warmup while t < t_warmup), as in LLM-Foundry.
+each after its own cooldown: the 20B trunk, and a branch per smaller budget retrained from the
+trunk's checkpoint at 0.8 T (`lora-jax sweep` seeds it; full-FT runs are then analyzed, Fig. 6).
+With 1000 warmup batches the 0.25B (318 steps) and 0.5B (636 steps) budgets end inside the
+warmup, so their cooldown never starts (the scheduler stays in warmup while t < t_warmup), as in
+LLM-Foundry.
 
   lora-jax sweep --config configs/paper/code_cpt.py --dry-run --variant method=lora,rank=256
   lora-jax sweep --config configs/paper/code_cpt.py --dry-run
@@ -42,4 +42,5 @@ LR_GRID = {"full": (5e-6, 1e-5, 2e-5, 5e-5), "lora": (1e-5, 2e-5, 5e-5, 1e-4)}
 EVAL_TASKS = ("humaneval", "forgetting")
 
 
-get_config, run_name, get_sweep, branch_of, describe = common.entry_points(globals())
+(get_config, run_name, get_sweep, branch_of, describe,
+ follow_ups) = common.entry_points(globals())

@@ -50,4 +50,5 @@ def extra_sweep_groups(regime):
   return {"regularization": common.variants(regularization)}
 
 
-get_config, run_name, get_sweep, branch_of, describe = common.entry_points(globals())
+(get_config, run_name, get_sweep, branch_of, describe,
+ follow_ups) = common.entry_points(globals())

@@ -38,4 +38,5 @@ LR_GRID = {"full": (5e-6, 1e-5, 2e-5, 5e-5), "lora": (2e-5, 5e-5, 1e-4, 2e-4)}
 EVAL_TASKS = ("gsm8k", "forgetting")
 
 
-get_config, run_name, get_sweep, branch_of, describe = common.entry_points(globals())
+(get_config, run_name, get_sweep, branch_of, describe,
+ follow_ups) = common.entry_points(globals())

@@ -61,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
       if args.json:
         print(json.dumps({"name": r.name, "group": r.group, "variant": r.variant,
                           "output_dir": r.output_dir, "start_from": r.start_from or None,
-                          "plan": r.plan, "argv": r.argv()}))
+                          "plan": r.plan, "argv": r.argv(),
+                          "follow_ups": [["lora-jax", *f.argv] for f in r.follow_ups]}))
       else:
         start = f", starts from {r.start_from}" if r.start_from else ""
         print(f"# {r.name} [{r.group}{start}]")
         if r.plan:
           print("#   " + ", ".join(f"{k} {_plan_value(v)}" for k, v in r.plan.items()))
+        for f in r.follow_ups:
+          print(f"#   then: {f.command()}")
         print(r.command())
     if not args.json:
       print(f"# {len(runs)} runs", file=sys.stderr)

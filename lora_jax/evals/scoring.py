@@ -4,13 +4,13 @@ For each pair: the summed log-probability of the continuation's tokens given the
 number of continuation tokens, and whether greedy decoding would have produced exactly them.
 
 Tokenization (lm-eval `_encode_pair`): trailing whitespace of the context moves onto the
-continuation; context + continuation is encoded whole and split where the context's own tokens
-end, so a merge across the boundary is counted in the continuation. `add_bos` prepends the BOS token (when the tokenizer has one); it defaults to the
-tokenizer's own setting (`tokenizer.add_bos`: Llama-2's tokenizer adds BOS, as the MosaicML
-Gauntlet's requests then carry it), while lm-eval's HF model adds none to log-likelihood requests
-unless `add_bos_token=True`: with the same choice the two produce the same token ids. An empty
-context is lm-eval's prefix token alone: BOS, or EOS when the tokenizer has no BOS. Over-long
-inputs keep their last `max_length` tokens.
+continuation; context + continuation is encoded whole and split where the context's own tokens end,
+so a merge across the boundary is counted in the continuation. `add_bos` prepends the BOS token
+(when the tokenizer has one); it defaults to the tokenizer's own setting (`tokenizer.add_bos`:
+Llama-2's tokenizer adds BOS, as the MosaicML Gauntlet's requests then carry it), while lm-eval's HF
+model adds none to log-likelihood requests unless `add_bos_token=True`: with the same choice the two
+produce the same token ids. An empty context is lm-eval's prefix token alone: BOS, or EOS when the
+tokenizer has no BOS. Over-long inputs keep their last `max_length` tokens.
 
 Rows are sorted by length, right-padded (segment id 0) to a length bucket and a batch bucket, so
 one evaluation compiles a handful of shapes; `Scorer.trace_count` counts them.

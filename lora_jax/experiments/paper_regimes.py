@@ -347,6 +347,18 @@ def describe(regime: Any, arg: str | None = None) -> dict[str, Any]:
   return out
 
 
+def follow_ups(regime: Any, arg: str | None = None) -> list[tuple[list[str], str]]:
+  """CPT full FT: the spectral analysis of ΔW of every budget's cooled-down model (Fig. 6: the
+  exported HF directory against the base), written to <run>/analysis."""
+  p = parse_variant(arg)
+  if regime.KIND != "cpt" or p["method"] != "full":
+    return []
+  c = build(regime, arg)
+  out = f"{c.output_dir}/analysis"
+  return [(["analyze", "--base", c.model.hf_path, "--finetuned", f"{c.output_dir}/export/hf",
+            "--out", out, "--quiet"], f"{out}/analysis.json")]
+
+
 # ------------------------------------------------------------------------------ sweeps
 def grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
   """The cartesian product of `axes` as a list of param dicts (in axis order)."""
@@ -401,13 +413,13 @@ def standard_sweep(regime: Any) -> dict[str, list[str]]:
 
 
 def entry_points(namespace: dict[str, Any]) -> tuple:
-  """(get_config, run_name, get_sweep, branch_of, describe) of the regime file whose globals
-  are `namespace`.
+  """(get_config, run_name, get_sweep, branch_of, describe, follow_ups) of the regime file
+  whose globals are `namespace`.
 
   get_config(arg) -> run config of a variant; run_name(arg) -> its run name; get_sweep() ->
   group -> variant strings (`standard_sweep`, plus the file's own `extra_sweep_groups(regime)`
-  when it defines one); branch_of(arg) -> `cooldown_branch` and describe(arg) -> `describe`
-  (both read by `lora-jax sweep`).
+  when it defines one); branch_of(arg) -> `cooldown_branch`, describe(arg) -> `describe` and
+  follow_ups(arg) -> `follow_ups` (read by `lora-jax sweep`).
   """
 
   def get_config(arg=None):
@@ -430,4 +442,7 @@ def entry_points(namespace: dict[str, Any]) -> tuple:
   def describe_of(arg=None):
     return describe(regime(namespace), arg)
 
-  return get_config, run_name_of, get_sweep, branch_of, describe_of
+  def follow_ups_of(arg=None):
+    return follow_ups(regime(namespace), arg)
+
+  return get_config, run_name_of, get_sweep, branch_of, describe_of, follow_ups_of

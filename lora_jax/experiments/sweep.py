@@ -10,13 +10,14 @@ computes them as the difference between the two configs, which also checks every
 the schema. Config files are loaded by `lora_jax.config.load_module`, as `lora-jax train` loads
 them.
 
-A file may define `describe(arg) -> dict` (steps, LR, schedule... shown by --dry-run) and
-`branch_of(arg) -> (trunk variant, step) | None` (the paper's CPT
-cooldown branches): when the trunk is among the planned runs, the branch runs after it and,
-before its first start, gets a copy of the trunk's checkpoint at `step` as its own first
+A file may define `describe(arg) -> dict` (steps, LR, schedule... shown by --dry-run),
+`follow_ups(arg) -> [(lora-jax argv, output file)]` (run after the training run, e.g. its spectral
+analysis; skipped once the output exists) and `branch_of(arg) -> (trunk variant, step) | None` (the
+paper's CPT cooldown branches): when the trunk is among the planned runs, the branch runs after it
+and, before its first start, gets a copy of the trunk's checkpoint at `step` as its own first
 checkpoint (`seed_from_trunk`), so `lora-jax train` resumes it from there with its own schedule.
-`run_sequentially` skips finished runs (an `export/` directory: it is written after the last
-step) and resumes started ones.
+`run_sequentially` skips finished runs (an `export/` directory: it is written after the last step)
+and resumes started ones.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ TRAIN_PROGRAM = ("lora-jax", "train")
 
 
 @dataclasses.dataclass(frozen=True)
+class FollowUp:
+  """A `lora-jax` command run after a training run (e.g. its spectral analysis); skipped when
+  its `output` file exists."""
+  argv: tuple[str, ...]  # subcommand and arguments, without the program
+  output: str
+
+  def command(self) -> str:
+    return shlex.join(["lora-jax", *self.argv])
+
+
+@dataclasses.dataclass(frozen=True)
 class PlannedRun:
   """One training run still to launch: its name and the overrides on top of the config file's
   default (`output_dir` is always among them). A finished run, read back from its directory, is
@@ -48,6 +60,7 @@ class PlannedRun:
   start_from: str = ""  # another run's checkpoint (<output_dir>/checkpoints/<step>) to start from
   after: str = ""  # the run that writes `start_from` (planned earlier in the same sweep)
   plan: dict = dataclasses.field(default_factory=dict)  # the file's describe(variant), if any
+  follow_ups: tuple[FollowUp, ...] = ()  # the file's follow_ups(variant), if any
 
   def argv(self, program: Sequence[str] = TRAIN_PROGRAM) -> list[str]:
     out = [*program, "--config", self.config_path]
@@ -171,8 +184,10 @@ def expand_sweep(config_path: str, groups: Iterable[str] | None = None, *,
     overrides["output_dir"] = cfg.output_dir  # always explicit: launchers and logs read it
     overrides.update(extra)
     plan = module.describe(variant) if hasattr(module, "describe") else {}
+    follow_ups = tuple(FollowUp(tuple(argv), output) for argv, output in
+                       (module.follow_ups(variant) if hasattr(module, "follow_ups") else ()))
     run = PlannedRun(name=name, overrides=overrides, config_path=config_path, group=group,
-                     variant=variant, plan=plan)
+                     variant=variant, plan=plan, follow_ups=follow_ups)
     if name in seen:
       if seen[name].overrides != overrides:
         raise ValueError(f"{config_path}: variants {seen[name].variant!r} and {variant!r} share "
@@ -269,6 +284,20 @@ def seed_from_trunk(run: PlannedRun) -> bool:
   return True
 
 
+def _follow_ups(run: PlannedRun, call: Callable[[list[str]], int],
+                log: Callable[[str], None]) -> int:
+  """Runs the run's follow-up commands whose output is missing; the first failure's code."""
+  for f in run.follow_ups:
+    if os.path.exists(f.output):
+      continue
+    log(f"  {f.command()}")
+    rc = call([sys.executable, "-m", "lora_jax.cli", *f.argv])
+    if rc:
+      log(f"{run.name}: {f.argv[0]} failed with exit code {rc}")
+      return rc
+  return 0
+
+
 def run_sequentially(runs: Sequence[PlannedRun], *,
                      call: Callable[[list[str]], int] | None = None, keep_going: bool = False,
                      log: Callable[[str], None] = print) -> int:
@@ -280,6 +309,8 @@ def run_sequentially(runs: Sequence[PlannedRun], *,
   for i, run in enumerate(runs, 1):
     if is_finished(run):
       log(f"[{i}/{len(runs)}] {run.name}: finished, skipped")
+      if _follow_ups(run, call, log):
+        failed.append(run.name)
       continue
     if run.after in failed:
       failed.append(run.name)
@@ -289,6 +320,8 @@ def run_sequentially(runs: Sequence[PlannedRun], *,
     if seed_from_trunk(run):
       log(f"  starts from {run.start_from}")
     rc = call(run.argv(local_program()))
+    if not rc:
+      rc = _follow_ups(run, call, log)
     if rc:
       failed.append(run.name)
       log(f"run {run.name} failed with exit code {rc}")
