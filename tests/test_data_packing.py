@@ -183,3 +183,24 @@ def test_metamathqa_packing_ratio_steps_per_epoch():
   lengths = _lengths(n, tokens, sigma=0.6, max_len=1024)[:72 * 500]  # one GPU: 24 rows, 72 samples
   steps, packed, dropped, fill = _simulate(lengths, 3.0, 24, 1024)
   assert dropped == 0 and fill <= 1024 and packed == steps * 72
+
+
+def test_ratio_pack_state_inside_a_step_resumes_exactly():
+  """grain's worker processes take the state after every row, so it must hold inside a step."""
+  import grain
+  from lora_jax.data.packing import RatioPackIterDataset
+  docs = [np.asarray(d, np.int32) for d in _docs(n=60, seed=3, max_len=30)]
+  samples = grain.MapDataset.source([{"ids": d, "mask": np.ones_like(d)} for d in docs])
+  ds = RatioPackIterDataset(samples, seq_len=L * 4, pad_id=0, rows=3, packing_ratio=2.0)
+  it = iter(ds)
+  for _ in range(7):  # two steps of 3 rows and one row into the third
+    next(it)
+  state = it.get_state()
+  assert state["step"] == 2 and state["taken"] == 1
+  want = [next(it)["tokens"] for _ in range(5)]
+  fresh = iter(ds)
+  fresh.set_state(state)
+  assert all((next(fresh)["tokens"] == w).all() for w in want)
+  rows = list(iter(ds))  # a new iterator starts over
+  assert len(rows) == 3 * (60 // 6)  # N // (ratio x rows) steps of `rows` rows
+  assert sum(int(r["_documents"]) for r in rows) <= 60

@@ -207,3 +207,25 @@ def test_packing_ratio_is_ift_only():
   with pytest.raises(DataError, match="data.packing_ratio"):
     make_batch_iterator(_cfg(regime="cpt", packing_ratio=2.0), TOK, seq_len=64, batch_size=2,
                         seed=0)
+
+
+@pytest.mark.slow  # starting grain worker processes (which import jax) takes seconds
+def test_packing_ratio_in_a_worker_process_matches_the_serial_stream_and_resumes():
+  kw = dict(seq_len=512, batch_size=4, seed=5)
+  serial = _take(make_batch_iterator(_cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0),
+                                     TOK, **kw), 6)
+  cfg = _cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0, num_workers=1)
+  it = make_batch_iterator(cfg, TOK, **kw)
+  try:
+    got = _take(it, 3)
+    state = json.dumps(it.get_state())
+    got += _take(it, 3)
+  finally:
+    it.close()
+  assert _same(got, serial)
+  fresh = make_batch_iterator(cfg, TOK, **kw)
+  try:
+    fresh.set_state(state)
+    assert _same(_take(fresh, 3), serial[3:])
+  finally:
+    fresh.close()

@@ -258,8 +258,10 @@ def ratio_steps_per_epoch(num_samples: int, packing_ratio: float, rows: int) -> 
 
 
 class _RatioPackIterator(grain.DatasetIterator):
-  """State: the next step's index and the leftover bins as lists of sample indices (small ints
-  into the parent dataset, so the state stays JSON and the samples are re-read on restore)."""
+  """State: the index of the step being emitted, the leftover bins it started from (lists of
+  sample indices: small ints into the parent dataset, so the state stays JSON and the samples
+  are re-read on restore) and how many of its rows were already taken (grain's worker processes
+  take the state after every row)."""
 
   def __init__(self, parent: grain.MapDataset, seq_len: int, pad_id: int, rows: int,
                per_step: int, max_leftover: int):
@@ -268,7 +270,8 @@ class _RatioPackIterator(grain.DatasetIterator):
     self._rows, self._per_step, self._max_leftover = rows, per_step, max_leftover
     self._step, self._leftover = 0, []
     self._cache: dict[int, dict] = {}  # the samples in leftover bins
-    self._pending: list[dict] = []
+    self._pending: list[dict] = []  # rows of step `self._step - 1` not yet taken
+    self._started_from: list[list[int]] = []  # the leftover bins that step started from
     self._warned_drop = False
 
   def _sample(self, index: int) -> dict:
@@ -319,19 +322,23 @@ class _RatioPackIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     if not self._pending:
+      self._started_from = [list(m) for m in self._leftover]
       self._pending = self._pack_step()
     return self._pending.pop(0)
 
   def get_state(self) -> dict:
-    if self._pending:
-      raise ValueError("packing_ratio: state is only defined at step boundaries (take whole "
-                       "batches of `rows` rows)")
-    return {"step": self._step, "leftover": [list(map(int, m)) for m in self._leftover]}
+    if self._pending:  # inside a step: replay it from its start and skip the rows taken
+      return {"step": self._step - 1, "leftover": self._started_from,
+              "taken": self._rows - len(self._pending)}
+    return {"step": self._step, "leftover": [list(map(int, m)) for m in self._leftover],
+            "taken": 0}
 
   def set_state(self, state: dict):
     self._step = int(state["step"])
     self._leftover = [list(map(int, m)) for m in state["leftover"]]
     self._cache, self._pending = {}, []
+    for _ in range(int(state.get("taken", 0))):
+      next(self)
 
 
 class RatioPackIterDataset(grain.IterDataset):
@@ -340,7 +347,7 @@ class RatioPackIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.MapDataset, seq_len: int, pad_id: int, rows: int,
                packing_ratio: float, max_leftover_bins: int | None = None):
-    super().__init__()
+    super().__init__(parent)  # a parent lets grain's worker processes slice the samples
     if not packing_ratio >= 1 or not math.isfinite(packing_ratio):
       raise ValueError(f"packing_ratio must be >= 1, got {packing_ratio}")
     self._samples = parent
