@@ -44,7 +44,7 @@ def jax_worker(spec: dict) -> None:
   cfg = preset(spec["preset"])
   params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
   lora = LoraConfig(rank=spec["rank"], targets="all")
-  lora_params = add_lora(params, cfg, lora, jax.random.key(1))
+  lora_params = add_lora(params, lora, jax.random.key(1))
   compiles = []
 
   def on_event(event, duration, **kw):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import ops
 from lora_jax.config import LlamaConfig
 from lora_jax.lora import LoraConfig, has_lora, merge_lora
 from lora_jax.model import Llama, init_kv_cache
@@ -122,16 +123,17 @@ _DEVICE_FNS: dict = {}
 
 
 def _device_fns(config: LlamaConfig, lora: LoraConfig | None, eos_ids: tuple, pad_id: int,
-                cache_dtype) -> tuple[Callable, Callable, collections.Counter]:
-  """Jitted (prefill, decode) for one model shape, shared by every Generator using it.
+                cache_dtype, platform: str) -> tuple[Callable, Callable, collections.Counter]:
+  """Jitted (prefill, decode) for one model shape and platform, shared by every Generator using
+  it.
 
   Sharing the jitted functions shares XLA's compile cache; the Counter counts traces (one per
   compiled shape) and is what the tests read.
   """
-  key = (repr(config), repr(lora), eos_ids, pad_id, str(cache_dtype), jax.default_backend())
+  key = (repr(config), repr(lora), eos_ids, pad_id, str(cache_dtype), platform)
   if key in _DEVICE_FNS:
     return _DEVICE_FNS[key]
-  model = Llama(config, lora=lora)
+  model = Llama(config, lora=lora, platform=platform)
   counts: collections.Counter = collections.Counter()
   eos_E = np.asarray(eos_ids, np.int32)
 
@@ -168,7 +170,7 @@ def _device_fns(config: LlamaConfig, lora: LoraConfig | None, eos_ids: tuple, pa
 
     return jax.lax.while_loop(cond, body, state)
 
-  donate = () if jax.default_backend() == "cpu" else (1,)  # the state (KV cache) is reused
+  donate = () if platform == "cpu" else (1,)  # the state (KV cache) is reused; CPU cannot donate
   fns = (jax.jit(prefill, static_argnames=("greedy", "cache_len")),
          jax.jit(decode, static_argnames=("greedy",), donate_argnums=donate), counts)
   _DEVICE_FNS[key] = fns
@@ -188,12 +190,14 @@ class Generator:
 
   `params` may carry LoRA leaves: with `merge=False` they are applied unmerged (the model is
   built with `lora_config`), with `merge=True` they are folded into the kernels once up front.
+  `platform` (default: the mesh's, else jax's devices') picks the model's kernels.
   """
 
   def __init__(self, config: LlamaConfig, params: Any, lora_config: LoraConfig | None = None,
                tokenizer: Any = None, *, batch_size: int = 8, mesh: Any = None,
                merge: bool = False, add_bos: bool = True, chunk_size: int = 32,
-               cache_dtype: Any = None, eos_ids: Sequence[int] | None = None):
+               cache_dtype: Any = None, eos_ids: Sequence[int] | None = None,
+               platform: str | None = None):
     if lora_config is not None and has_lora(params) and merge:
       params, lora_config = merge_lora(params, lora_config), None
     if lora_config is not None and not has_lora(params):
@@ -218,7 +222,8 @@ class Generator:
           config, params, lora_config, mesh)
     self.params = params
     self._prefill, self._decode, self.trace_counts = _device_fns(
-        config, lora_config, self.eos_ids, self.pad_id, cache_dtype)
+        config, lora_config, self.eos_ids, self.pad_id, cache_dtype,
+        ops.resolve_platform(platform, mesh))
 
   # ------------------------------------------------------------------ host API
   def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
@@ -107,8 +108,8 @@ def _a_init(lora: LoraConfig):
 class LoraDense(nn.Module):
   """A bias-free Dense whose kernel may carry a LoRA branch (when its name is targeted).
 
-  `params_only=True` returns (kernel, lora_a or None, lora_b or None) without computing: the
-  model uses it to run projections that share an input as one group (see dense_group.py).
+  `params_only=True` returns (kernel, lora_a or None, lora_b or None) without computing: on CPU
+  the model runs projections that share an input as one group (`lora_jax.ops.project`).
   """
   features: int
   kernel_axes: tuple[str, str]
@@ -136,8 +137,8 @@ class LoraDense(nn.Module):
     if params_only:
       return kernel, a, b
     # Matmuls on 2-D [tokens, in] operands: with a [B, L, in] operand XLA:CPU lays out the
-    # weight-gradient dot with a transposed [out, B*L] copy of the incoming gradient, which costs
-    # more than the matmul itself (2.7x slower fwd+bwd for a [8, 256, 512] x [512, 1408] layer).
+    # weight-gradient dot with a transposed [out, B*L] copy of the incoming gradient, a full extra
+    # pass over the largest operand of the product.
     lead = x.shape[:-1]
     x = x.reshape(-1, d_in).astype(self.dtype)
     y = x @ kernel.astype(self.dtype)
@@ -174,14 +175,20 @@ def target_kernel_paths(params: Mapping, lora: LoraConfig) -> list[tuple[str, ..
   return found
 
 
-def add_lora(params: Mapping, config: Any, lora: LoraConfig, rng: jax.Array) -> dict:
+def add_lora(params: Mapping, lora: LoraConfig, rng: jax.Array, *legacy_rng: jax.Array) -> dict:
   """Returns params with `lora_a` / `lora_b` leaves added next to each targeted kernel.
 
   With `init="pissa"` the top-R singular directions of W move into A B and the kernel keeps the
-  residual (the model output is unchanged up to float rounding). `config` is the LlamaConfig
-  (kept in the signature so adapters can be validated against the model; unused otherwise).
+  residual (the model output is unchanged up to float rounding). The older call
+  `add_lora(params, model_config, lora, rng)`, whose model config was never used, still works
+  and warns (`legacy_rng` is its rng).
   """
-  del config
+  if legacy_rng:
+    if len(legacy_rng) != 1 or not isinstance(rng, LoraConfig):
+      raise TypeError("add_lora(params, lora, rng) takes a LoraConfig and a PRNG key")
+    warnings.warn("add_lora(params, config, lora, rng) is deprecated (the model config is unused):"
+                  " call add_lora(params, lora, rng)", DeprecationWarning, stacklevel=2)
+    lora, rng = rng, legacy_rng[0]
   flat = _flat(params)
   paths = target_kernel_paths(params, lora)
   keys = jax.random.split(rng, max(len(paths), 1))

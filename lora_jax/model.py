@@ -15,6 +15,9 @@ LoRA leaves (`lora_a` [in, R], `lora_b` [R, out]) sit beside the kernels they ad
 `Llama(config, lora).apply({"params": p}, tokens_BL, positions_BL, segment_ids_BL)` returns
 logits [B, L, V]. With `kv_cache=` it also returns the updated cache (see `init_kv_cache`).
 Segment id 0 marks padding; tokens attend only to earlier tokens of the same segment.
+
+This module is the math; the kernels that differ by platform (CPU projection groups and
+attention, accelerator attention) are in `lora_jax.ops`, picked by the `platform` attribute.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import ops
 from lora_jax.config import LlamaConfig
-from lora_jax.dense_group import dense_group
 from lora_jax.lora import LoraConfig, LoraDense
 
 Array = jax.Array
@@ -63,13 +66,13 @@ def rope_tables(positions_BL: Array, inv_freq: np.ndarray) -> tuple[Array, Array
 
   Computed once per forward pass and materialized (optimization barrier): left to fusion, XLA
   recomputes the sin / cos of every element of every head in every consumer (each layer's q and
-  k, forward and backward), which made RoPE cost more than the attention matmuls on CPU.
+  k, forward and backward), transcendental work that grows with layers x heads instead of once.
   """
   angles_BLd = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
   cos, sin = jnp.cos(angles_BLd), jnp.sin(angles_BLd)
-  cos_BLD = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
-  sin_BLD = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
-  return jax.lax.optimization_barrier((cos_BLD, sin_BLD))
+  cos_BL1D = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+  sin_BL1D = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+  return jax.lax.optimization_barrier((cos_BL1D, sin_BL1D))
 
 
 def _swap_halves(x):
@@ -102,11 +105,6 @@ def _rotate_bwd(res, g):
 rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
-def apply_rope(x_BLHD: Array, positions_BL: Array, inv_freq: np.ndarray) -> Array:
-  """Rotary embedding in HF's "rotate_half" convention (first / second half of each head)."""
-  return rotate(x_BLHD, *rope_tables(positions_BL, inv_freq))
-
-
 # --------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
   eps: float
@@ -128,28 +126,6 @@ def _dense(name: str, features: int, axes: tuple[str, str], cfg: LlamaConfig,
   return LoraDense(features=features, kernel_axes=axes, lora=lora,
                    dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                    name=name)
-
-
-GROUP_PROJECTIONS = True  # on CPU, run adapted projections sharing an input via dense_group
-
-
-def _project(x_BLD: Array, denses: list[LoraDense], deterministic: bool) -> list[Array]:
-  """Projections of the same x. On CPU, a group with LoRA adapters runs as one `dense_group`
-  (merged adapters, hand-written VJP: see dense_group.py); otherwise (no adapter, LoRA dropout
-  active, accelerators) each LoraDense runs on its own under autodiff."""
-  lora = denses[0].lora
-  grouped = GROUP_PROJECTIONS and jax.default_backend() == "cpu" and any(
-      d.adapted for d in denses) and (lora.dropout == 0 or deterministic)
-  if not grouped:
-    return [d(x_BLD, deterministic) for d in denses]
-  dtype = denses[0].dtype
-  params = [d(x_BLD, params_only=True) for d in denses]
-  cast = lambda w: None if w is None else w.astype(dtype)  # noqa: E731
-  B, L, D = x_BLD.shape
-  ys = dense_group(x_BLD.reshape(B * L, D).astype(dtype), [cast(k) for k, _, _ in params],
-                   [cast(a) for _, a, _ in params], [cast(b) for _, _, b in params],
-                   lora.scale)
-  return [y.reshape(B, L, -1) for y in ys]
 
 
 @dataclasses.dataclass
@@ -186,67 +162,24 @@ def attention_mask(q_segment_BL: Array, kv_segment_BS: Array, q_slot_BL: Array,
   return (causal & same)[:, None, :, :]
 
 
-def _query_chunks(L: int, S: int, causal_chunks: bool) -> list[tuple[int, int, int]]:
-  """(query start, query end, key end) blocks. Causal chunks skip the keys after each block."""
-  if not causal_chunks or L != S or L < 2 * _MIN_QUERY_CHUNK:
-    return [(0, L, S)]
-  c = max(_MIN_QUERY_CHUNK, L // _QUERY_CHUNKS)
-  return [(lo, min(lo + c, L), min(lo + c, L)) for lo in range(0, L, c)]
-
-
-_MIN_QUERY_CHUNK, _QUERY_CHUNKS = 64, 8
-
-
-def einsum_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1LS: Array, *,
-                     causal_chunks: bool = False) -> Array:
-  """Softmax attention as two batched matmuls per query block; the XLA:CPU choice.
-
-  Heads go first ([B, K, G*L, Dh]) so each matmul is a plain batched GEMM with no layout copies
-  of the [L, S] scores; logits and softmax are f32, the probabilities are cast back to the value
-  dtype. With `causal_chunks` (training / scoring, where query slot i sees key slots <= i) the
-  queries are split into blocks of max(64, L/8) rows and each block only scores the keys up to its
-  end: about half the [L, S] work of the full square, and each block's scores stay cache-sized.
-  (jax.nn.dot_product_attention's XLA path scores the full square in [B, L, H, S]-ordered
-  einsums; it measured 1.7x (L=256) to 2.5x (L=1024) slower forward + backward on CPU.)
-  """
-  B, L, H, Dh = q_BLHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  G = H // K
-  q_BKGLD = (q_BLHD * jnp.asarray(1.0 / math.sqrt(Dh), q_BLHD.dtype)).reshape(
-      B, L, K, G, Dh).transpose(0, 2, 3, 1, 4)
-  k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
-  outs = []
-  for lo, hi, s_hi in _query_chunks(L, S, causal_chunks):
-    c = hi - lo
-    q_BKQD = q_BKGLD[:, :, :, lo:hi].reshape(B, K, G * c, Dh)
-    mask_B1QS = mask_B1LS[:, :, lo:hi, :s_hi]
-    if G > 1:
-      mask_B1QS = jnp.broadcast_to(mask_B1QS[:, :, None], (B, 1, G, c, s_hi)).reshape(
-          B, 1, G * c, s_hi)
-    logits = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD[:, :, :s_hi],
-                        preferred_element_type=jnp.float32)
-    logits = jnp.where(mask_B1QS, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BKSD.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_BKSD[:, :, :s_hi],
-                     preferred_element_type=jnp.float32).astype(q_BLHD.dtype)
-    outs.append(out.reshape(B, K, G, c, Dh))
-  out_BKGLD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-  return out_BKGLD.transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
-
-
 class Attention(nn.Module):
   config: LlamaConfig
   lora: LoraConfig | None = None
+  platform: str | None = None  # see Llama
+  mesh: Any = None
 
   @nn.compact
-  def __call__(self, x_BLD, rope_BL1D, mask_B1LS, deterministic, layer_cache=None):
+  def __call__(self, x_BLD, rope_BL1D, mask_B1LS, deterministic, layer_cache=None,
+               segment_ids_BL=None):
+    """`segment_ids_BL`: given for self-attention without a cache (see `ops.attention`)."""
     cfg = self.config
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dh
     B, L, _ = x_BLD.shape
-    q, k, v = _project(x_BLD, [_dense("q_proj", H * Dh, ("embed", "heads"), cfg, self.lora),
-                               _dense("k_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora),
-                               _dense("v_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)],
-                       deterministic)
+    platform = ops.resolve_platform(self.platform, self.mesh)
+    q, k, v = ops.project(x_BLD, [_dense("q_proj", H * Dh, ("embed", "heads"), cfg, self.lora),
+                                  _dense("k_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora),
+                                  _dense("v_proj", K * Dh, ("embed", "kv_heads"), cfg, self.lora)],
+                          deterministic, platform)
     q_BLHD = rotate(q.reshape(B, L, H, Dh), *rope_BL1D)
     k_BLKD = rotate(k.reshape(B, L, K, Dh), *rope_BL1D)
     v_BLKD = v.reshape(B, L, K, Dh)
@@ -259,18 +192,13 @@ class Attention(nn.Module):
       k_BLKD, v_BLKD = k_BSKD.astype(q_BLHD.dtype), v_BSKD.astype(q_BLHD.dtype)
     if cfg.attention_dropout > 0 and not deterministic:
       out_BLHD = self._attention_with_dropout(q_BLHD, k_BLKD, v_BLKD, mask_B1LS)
-    elif cfg.attention_impl is None and jax.default_backend() == "cpu":
-      out_BLHD = einsum_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LS,
-                                  causal_chunks=layer_cache is None)
     else:
-      out_BLHD = jax.nn.dot_product_attention(
-          q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, scale=1.0 / math.sqrt(Dh),
-          implementation=cfg.attention_impl)
-    out, = _project(out_BLHD.reshape(B, L, H * Dh),
-                    [_dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)],
-                    deterministic)
+      out_BLHD = ops.attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LS, segment_ids_BL=segment_ids_BL,
+                               platform=platform, impl=cfg.attention_impl, mesh=self.mesh)
+    out, = ops.project(out_BLHD.reshape(B, L, H * Dh),
+                       [_dense("o_proj", cfg.hidden_size, ("heads", "embed"), cfg, self.lora)],
+                       deterministic, platform)
     return out, new_cache
-
 
   def _attention_with_dropout(self, q_BLHD, k_BSKD, v_BSKD, mask_B1LS):
     """Explicit softmax attention with dropout on the probabilities (GQA by head groups)."""
@@ -288,6 +216,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
   config: LlamaConfig
   lora: LoraConfig | None = None
+  platform: str | None = None  # see Llama
 
   @nn.compact
   def __call__(self, x_BLD, deterministic):
@@ -295,31 +224,44 @@ class MLP(nn.Module):
     gate = _dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
     up = _dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora)
     down = _dense("down_proj", cfg.hidden_size, ("mlp", "embed"), cfg, self.lora)
-    g_BLF, u_BLF = _project(x_BLD, [gate, up], deterministic)
-    return _project(nn.silu(g_BLF) * u_BLF, [down], deterministic)[0]
+    platform = ops.resolve_platform(self.platform)
+    g_BLF, u_BLF = ops.project(x_BLD, [gate, up], deterministic, platform)
+    return ops.project(nn.silu(g_BLF) * u_BLF, [down], deterministic, platform)[0]
 
 
 class DecoderLayer(nn.Module):
   config: LlamaConfig
   lora: LoraConfig | None = None
+  platform: str | None = None  # see Llama
+  mesh: Any = None
 
   @nn.compact
-  def __call__(self, x_BLD, rope_BL1D, mask_B1LS, deterministic, layer_cache=None):
+  def __call__(self, x_BLD, rope_BL1D, mask_B1LS, deterministic, layer_cache=None,
+               segment_ids_BL=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype),  # noqa: E731
                                 jnp.dtype(cfg.param_dtype), name=name)
-    attn_out, new_cache = Attention(cfg, self.lora, name="self_attn")(
-        norm("input_layernorm")(x_BLD), rope_BL1D, mask_B1LS, deterministic, layer_cache)
+    attn_out, new_cache = Attention(cfg, self.lora, self.platform, self.mesh, name="self_attn")(
+        norm("input_layernorm")(x_BLD), rope_BL1D, mask_B1LS, deterministic, layer_cache,
+        segment_ids_BL)
     x_BLD = x_BLD + attn_out
-    x_BLD = x_BLD + MLP(cfg, self.lora, name="mlp")(
+    x_BLD = x_BLD + MLP(cfg, self.lora, self.platform, name="mlp")(
         norm("post_attention_layernorm")(x_BLD), deterministic)
     return x_BLD, new_cache
 
 
 class Llama(nn.Module):
-  """Llama decoder; `lora` adds LoRA branches to the targeted projections."""
+  """Llama decoder; `lora` adds LoRA branches to the targeted projections.
+
+  `platform` ("cpu" | "gpu" | "tpu") picks the kernels (see `lora_jax.ops`); None or "auto"
+  means the platform of `mesh`, else of jax's devices (where a program without a mesh runs).
+  `mesh`: the mesh the program is compiled for; a kernel that XLA cannot partition (TPU splash
+  attention) runs per shard of it.
+  """
   config: LlamaConfig
   lora: LoraConfig | None = None
+  platform: str | None = None
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic=True,
@@ -353,6 +295,7 @@ class Llama(nn.Module):
       mask = attention_mask(segment_ids_BL, cache_seg_BS, q_slots_BL,
                             jnp.arange(S, dtype=jnp.int32))
 
+    platform = ops.resolve_platform(self.platform, self.mesh)
     rope_BL1D = rope_tables(positions_BL, rope_inv_freq(cfg))
     layer_cls = DecoderLayer
     if cfg.remat:
@@ -362,8 +305,9 @@ class Llama(nn.Module):
       layer_cache = None
       if kv_cache is not None:
         layer_cache = (kv_cache.k[i], kv_cache.v[i], kv_cache.index)
-      x_BLD, c = layer_cls(cfg, self.lora, name=f"layers_{i}")(
-          x_BLD, rope_BL1D, mask, deterministic, layer_cache)
+      x_BLD, c = layer_cls(cfg, self.lora, platform, self.mesh, name=f"layers_{i}")(
+          x_BLD, rope_BL1D, mask, deterministic, layer_cache,
+          segment_ids_BL if kv_cache is None else None)
       if c is not None:
         new_k.append(c[0])
         new_v.append(c[1])

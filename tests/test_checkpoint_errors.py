@@ -40,7 +40,7 @@ def _edit(file, fn):
 
 def _lora_params(model, lora):
   config, base = model
-  params = add_lora(base, config, lora, jax.random.key(1))
+  params = add_lora(base, lora, jax.random.key(1))
   return jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if p[-1].key == "lora_b" else x, params)
 

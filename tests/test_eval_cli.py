@@ -109,7 +109,7 @@ def test_expand_tasks():
 
 def test_run_evals_lora_unmerged_equals_merged(data_dir, tmp_path):
   lora = LoraConfig(rank=2, targets="all")
-  params = add_lora(init_params(CFG, jax.random.key(0)), CFG, lora, jax.random.key(1))
+  params = add_lora(init_params(CFG, jax.random.key(0)), lora, jax.random.key(1))
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: 0.3 * np.ones(x.shape, x.dtype) if p[-1].key == "lora_b" else x, params)
   opts = EvalOptions(data_dir=data_dir, limit=2, batch_size=4, progress=False,

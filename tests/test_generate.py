@@ -26,7 +26,7 @@ def base_params():
 @pytest.fixture(scope="module")
 def lora_setup(base_params):
   lora = LoraConfig(rank=4, targets="all")
-  params = add_lora(base_params, CFG, lora, jax.random.key(1))
+  params = add_lora(base_params, lora, jax.random.key(1))
   # Non-zero B so the adapter actually changes the model.
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: (0.3 * jax.random.normal(jax.random.key(hash(str(path)) % 1000), x.shape)

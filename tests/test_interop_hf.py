@@ -221,7 +221,7 @@ def test_save_hf_refuses_lora_leaves_unless_merging(tmp_path):
   from lora_jax.lora import LoraConfig, add_lora, merge_lora
   config = LlamaConfig(**TINY)
   lora = LoraConfig(rank=2, targets="all")
-  params = add_lora(_random_params(config), config, lora, jax.random.key(1))
+  params = add_lora(_random_params(config), lora, jax.random.key(1))
   params["layers_0"]["mlp"]["up_proj"]["lora_b"] += 0.5
   with pytest.raises(ValueError, match="merge_lora"):
     hf.save_hf(tmp_path / "m", config, params)
@@ -273,7 +273,7 @@ def test_cli_convert_lora_checkpoint_merges(tmp_path):
   from lora_jax.lora import LoraConfig, add_lora, merge_lora
   config = LlamaConfig(**TINY)
   lora = LoraConfig(rank=2, targets="mlp")
-  params = add_lora(_random_params(config), config, lora, jax.random.key(2))
+  params = add_lora(_random_params(config), lora, jax.random.key(2))
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if p[-1].key == "lora_b" else x, params)
   native.save_checkpoint(tmp_path / "ck", config, params, lora)

@@ -66,7 +66,7 @@ def test_save_peft_loads_in_peft(tmp_path, lora):
   peft = pytest.importorskip("peft")
   pytest.importorskip("torch")
   config, base, base_dir = _base(tmp_path)
-  params = _randomize_lora(add_lora(base, config, lora, jax.random.key(1)))
+  params = _randomize_lora(add_lora(base, lora, jax.random.key(1)))
   out = peft_io.save_peft(tmp_path / "adapter", config, lora, params,
                           base_model_name_or_path=base_dir)
   ac = json.load(open(os.path.join(out, peft_io.ADAPTER_CONFIG)))
@@ -137,7 +137,7 @@ def test_save_load_peft_round_trip(tmp_path, dtype):
   config = LlamaConfig(**TINY)
   base = jax.tree.map(lambda x: x.astype(dtype), init_params(config, jax.random.key(0)))
   lora = LoraConfig(rank=3, alpha=5.5, targets="attention", dropout=0.1)
-  params = _randomize_lora(add_lora(base, config, lora, jax.random.key(1)))
+  params = _randomize_lora(add_lora(base, lora, jax.random.key(1)))
   out = peft_io.save_peft(tmp_path / "a", config, lora, params)
   loaded_lora, loaded = peft_io.load_peft(out, config, base)
   assert loaded_lora == lora
@@ -169,7 +169,7 @@ def test_target_module_forms(tmp_path):
 def test_save_peft_refuses_mismatched_params(tmp_path):
   config = LlamaConfig(**TINY)
   lora = LoraConfig(rank=2, targets="mlp")
-  params = add_lora(init_params(config, jax.random.key(0)), config, lora, jax.random.key(1))
+  params = add_lora(init_params(config, jax.random.key(0)), lora, jax.random.key(1))
   with pytest.raises(ValueError, match="rank 4 implies"):
     peft_io.save_peft(tmp_path / "a", config, lora.replace(rank=4), params)
   with pytest.raises(ValueError, match="lora_a: missing"):
@@ -183,7 +183,7 @@ def test_cli_export_peft(tmp_path, capsys):
   from lora_jax.interop import native
   config, base, base_dir = _base(tmp_path)
   lora = LoraConfig(rank=4, alpha=8, targets="all", use_rslora=True)
-  params = _randomize_lora(add_lora(base, config, lora, jax.random.key(1)))
+  params = _randomize_lora(add_lora(base, lora, jax.random.key(1)))
   ck = native.save_checkpoint(tmp_path / "ck", config, params, lora,
                               metadata={"base_model_name_or_path": base_dir})
   assert main(["export-peft", ck, str(tmp_path / "adapter"),

@@ -35,7 +35,7 @@ def _logits(params, lora=None):
 
 def test_fresh_lora_equals_base_exactly(base):
   lora = LoraConfig(rank=4, targets="all")
-  p = add_lora(base, CFG, lora, jax.random.key(1))
+  p = add_lora(base, lora, jax.random.key(1))
   np.testing.assert_array_equal(_logits(p, lora), _logits(base))
   a = p["layers_0"]["self_attn"]["q_proj"]["lora_a"]
   assert a.shape == (CFG.hidden_size, 4) and float(jnp.abs(a).max()) > 0
@@ -45,7 +45,7 @@ def test_fresh_lora_equals_base_exactly(base):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merged_equals_unmerged_and_unmerge_inverts(base, rslora):
   lora = LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "mlp"], use_rslora=rslora)
-  p = _randomize_b(add_lora(base, CFG, lora, jax.random.key(1)))
+  p = _randomize_b(add_lora(base, lora, jax.random.key(1)))
   unmerged = _logits(p, lora)
   assert not np.allclose(unmerged, _logits(base), atol=1e-4)  # the adapter does something
   merged = merge_lora(p, lora)
@@ -72,14 +72,26 @@ def test_validation_names_the_bad_value(kwargs, match):
     LoraConfig(**kwargs)
 
 
+def test_add_lora_old_signature_warns_and_gives_the_same_params(base):
+  lora = LoraConfig(rank=2, targets="attention")
+  with pytest.warns(DeprecationWarning, match="add_lora"):
+    old = add_lora(base, CFG, lora, jax.random.key(1))
+  new = add_lora(base, lora, jax.random.key(1))
+  assert jax.tree.structure(old) == jax.tree.structure(new)
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="LoraConfig"):
+    add_lora(base, CFG, jax.random.key(1), jax.random.key(2))
+
+
 def test_rank_larger_than_matrix_is_rejected(base):
   with pytest.raises(ValueError, match="rank"):
-    add_lora(base, CFG, LoraConfig(rank=1000), jax.random.key(0))
+    add_lora(base, LoraConfig(rank=1000), jax.random.key(0))
 
 
 def test_labels_split_and_combine(base):
   lora = LoraConfig(rank=2, targets="attention")
-  p = add_lora(base, CFG, lora, jax.random.key(1))
+  p = add_lora(base, lora, jax.random.key(1))
   labels = trainable_labels(p, lora)
   trainable, frozen = split_params(p, labels)
   assert set(jax.tree_util.tree_leaves(labels)) == {"trainable", "frozen"}
@@ -99,7 +111,7 @@ def test_labels_split_and_combine(base):
 
 def test_frozen_leaves_get_no_gradient_or_optimizer_state(base):
   lora = LoraConfig(rank=2)
-  p = add_lora(base, CFG, lora, jax.random.key(1))
+  p = add_lora(base, lora, jax.random.key(1))
   trainable, frozen = split_params(p, trainable_labels(p, lora))
 
   def loss(tr):
@@ -120,7 +132,7 @@ def test_frozen_leaves_get_no_gradient_or_optimizer_state(base):
 def test_7b_lora_param_count_via_eval_shape():
   cfg = preset("llama2_7b")
   lora = LoraConfig(rank=16, targets="all")
-  shapes = jax.eval_shape(lambda: add_lora(param_shapes(cfg), cfg, lora, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: add_lora(param_shapes(cfg), lora, jax.random.key(0)))
   assert count_params(lora_subtree(shapes)) == 39_976_960  # as PEFT's print_trainable_parameters
   assert count_params(param_shapes(cfg, lora)) == 6_738_415_616 + 39_976_960
 
@@ -128,21 +140,21 @@ def test_7b_lora_param_count_via_eval_shape():
 def test_lora_params_from_model_init_match_add_lora(base):
   lora = LoraConfig(rank=3, targets="mlp")
   from_init = param_shapes(CFG, lora)
-  from_add = jax.eval_shape(lambda: add_lora(base, CFG, lora, jax.random.key(0)))
+  from_add = jax.eval_shape(lambda: add_lora(base, lora, jax.random.key(0)))
   assert jax.tree_util.tree_map(lambda x: x.shape, from_init) == jax.tree_util.tree_map(
       lambda x: x.shape, from_add)
 
 
 def test_pissa_init_keeps_the_function(base):
   lora = LoraConfig(rank=4, init="pissa")
-  p = add_lora(base, CFG, lora, jax.random.key(1))
+  p = add_lora(base, lora, jax.random.key(1))
   assert float(jnp.abs(p["layers_0"]["mlp"]["up_proj"]["lora_b"]).max()) > 0
   np.testing.assert_allclose(_logits(p, lora), _logits(base), atol=1e-4)
 
 
 def test_lora_dropout_is_active_only_when_training(base):
   lora = LoraConfig(rank=4, dropout=0.5)
-  p = _randomize_b(add_lora(base, CFG, lora, jax.random.key(1)))
+  p = _randomize_b(add_lora(base, lora, jax.random.key(1)))
   m = Llama(CFG, lora)
   det = m.apply({"params": p}, TOKENS)
   np.testing.assert_array_equal(det, m.apply({"params": p}, TOKENS))

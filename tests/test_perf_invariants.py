@@ -41,7 +41,7 @@ def _compiled(lora: bool):
   lora_cfg = LORA if lora else None
   params = jax.jit(functools.partial(init_params, CFG))(jax.random.key(0))
   if lora:
-    params = add_lora(params, CFG, LORA, jax.random.key(1))
+    params = add_lora(params, LORA, jax.random.key(1))
   trainable, frozen = split_params(params, trainable_labels(params, lora_cfg))
   tx = optax.adamw(1e-3)
   state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
@@ -120,7 +120,7 @@ def _eqns(jaxpr):
 def test_projections_are_2d_matmuls():
   """A dot on [B, L, D] activations makes XLA:CPU copy-transpose the gradient (slow)."""
   params = jax.jit(functools.partial(init_params, CFG))(jax.random.key(0))
-  params = add_lora(params, CFG, LORA, jax.random.key(1))
+  params = add_lora(params, LORA, jax.random.key(1))
   tokens = _batch()["tokens"]
   for lora in (None, LORA):
     model = Llama(CFG, lora)

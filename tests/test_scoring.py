@@ -40,7 +40,7 @@ class WordTokenizer:
 def lora_params():
   lora = LoraConfig(rank=2, targets="attention")
   base = jax.jit(functools.partial(init_params, CFG))(jax.random.key(0))
-  p = add_lora(base, CFG, lora, jax.random.key(1))
+  p = add_lora(base, lora, jax.random.key(1))
   p = jax.tree_util.tree_map_with_path(
       lambda path, x: 0.2 * np.ones(x.shape, x.dtype) if path[-1].key == "lora_b" else x, p)
   return p, lora

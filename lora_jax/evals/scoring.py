@@ -29,6 +29,7 @@ from lora_jax.config import LlamaConfig
 from lora_jax.generate import bucket_batch, bucket_length
 from lora_jax.lora import LoraConfig, has_lora
 from lora_jax.model import Llama
+from lora_jax.ops import resolve_platform
 
 
 class Score(NamedTuple):
@@ -69,12 +70,12 @@ def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
 _SCORE_FNS: dict = {}
 
 
-def _score_fn(config: LlamaConfig, lora: LoraConfig | None):
-  """Jitted per-token log-probs for one model shape, shared by every Scorer (one compile cache);
-  the Counter counts traces by input shape."""
-  key = (repr(config), repr(lora), jax.default_backend())
+def _score_fn(config: LlamaConfig, lora: LoraConfig | None, platform: str):
+  """Jitted per-token log-probs for one model shape and platform, shared by every Scorer (one
+  compile cache); the Counter counts traces by input shape."""
+  key = (repr(config), repr(lora), platform)
   if key not in _SCORE_FNS:
-    model = Llama(config, lora=lora)
+    model = Llama(config, lora=lora, platform=platform)
     counts: collections.Counter = collections.Counter()
 
     def token_logprobs(params, inputs_BL, targets_BL, segments_BL):
@@ -90,11 +91,14 @@ def _score_fn(config: LlamaConfig, lora: LoraConfig | None):
 
 
 class Scorer:
-  """Batched log-likelihoods for one model (LoRA leaves applied unmerged when present)."""
+  """Batched log-likelihoods for one model (LoRA leaves applied unmerged when present).
+
+  `platform` (default: the mesh's, else jax's devices') picks the model's kernels.
+  """
 
   def __init__(self, config: LlamaConfig, params: Any, lora_config: LoraConfig | None,
                tokenizer: Any, *, batch_size: int = 8, add_bos: bool | None = None,
-               max_length: int | None = None, mesh: Any = None):
+               max_length: int | None = None, mesh: Any = None, platform: str | None = None):
     if lora_config is not None and not has_lora(params):
       lora_config = None
     self.config, self.params, self.tokenizer = config, params, tokenizer
@@ -106,7 +110,7 @@ class Scorer:
       from lora_jax.generate import place_on_mesh
       self._sharding, self._multiple, self.params = place_on_mesh(config, params, lora_config,
                                                                   mesh)
-    self._fn, self.trace_count = _score_fn(config, lora_config)
+    self._fn, self.trace_count = _score_fn(config, lora_config, resolve_platform(platform, mesh))
 
   def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     return encode_pair(self.tokenizer, context, continuation, self.add_bos)

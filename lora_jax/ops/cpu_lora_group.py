@@ -1,8 +1,9 @@
 """LoRA projections that share an input, with a hand-written VJP (the XLA:CPU fast path).
 
-`dense_group(x_TD, kernels, lora_as, lora_bs, scale)` returns x W_i + scale (x A_i) B_i for a
-group of projections reading the same x (q/k/v, gate/up, or one projection alone); `lora_as[i]`
-is None for a projection without an adapter. Params stay separate leaves; only compute changes:
+`grouped_lora_dense(x_TD, kernels, lora_as, lora_bs, scale)` returns x W_i + scale (x A_i) B_i
+for a group of projections reading the same x (q/k/v, gate/up, or one projection alone);
+`lora_as[i]` is None for a projection without an adapter. Params stay separate leaves; only
+compute changes:
 
   forward   W'_i = W_i + A_i (scale B_i) merged per step (f32 compute; with lower-precision
             compute, where merging would round a small update away, x A_i (scale B_i) is added
@@ -15,8 +16,9 @@ is None for a projection without an adapter. Params stay separate leaves; only c
 Why: on CPU a step's time beyond its matmuls goes to passes over [tokens, width] activations.
 Autodiff of the per-projection branch (x A, (x A) B, add; g B^T, (g B^T) A^T, add, x^T (g B^T),
 (x A)^T g) makes about eight such passes per projection; here a projection adds two (g B^T is
-folded into dx's matmul). XLA also emits dA as [in, T] x [T, r], ~4x slower on CPU than the
-[r, T] x [T, in] product used here. Measured on bench-34M: LoRA step 8-10% faster.
+folded into dx's matmul). XLA also emits dA as [in, T] x [T, r], a product XLA:CPU runs far
+slower than the [r, T] x [T, in] one used here. On accelerators the passes overlap with the
+matmuls and the per-projection autodiff is kept (see `lora_jax.ops.project`).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _forward(x, kernels, lora_as, lora_bs, scale, merge):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _dense_group(x, kernels, lora_as, lora_bs, scale, merge):
+def _grouped_lora_dense(x, kernels, lora_as, lora_bs, scale, merge):
   return _forward(x, kernels, lora_as, lora_bs, scale, merge)[0]
 
 
@@ -112,17 +114,17 @@ def _bwd(scale, merge, res, gs):
   return dx, d_kernels, tuple(d_as), tuple(d_bs)
 
 
-_dense_group.defvjp(_fwd, _bwd, symbolic_zeros=True)
+_grouped_lora_dense.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
-def dense_group(x_TD: Array, kernels: Sequence[Array], lora_as: Sequence[Array | None],
-                lora_bs: Sequence[Array | None], scale: float, merge: bool | None = None
-                ) -> tuple[Array, ...]:
+def grouped_lora_dense(x_TD: Array, kernels: Sequence[Array], lora_as: Sequence[Array | None],
+                       lora_bs: Sequence[Array | None], scale: float, merge: bool | None = None
+                       ) -> tuple[Array, ...]:
   """Outputs [T, out_i] of x W_i (+ scale (x A_i) B_i); see the module docstring.
 
   merge=None merges the adapters into the kernels for f32 compute only.
   """
   if merge is None:
     merge = jnp.dtype(x_TD.dtype) == jnp.float32
-  return _dense_group(x_TD, tuple(kernels), tuple(lora_as), tuple(lora_bs), float(scale),
-                      bool(merge))
+  return _grouped_lora_dense(x_TD, tuple(kernels), tuple(lora_as), tuple(lora_bs),
+                             float(scale), bool(merge))

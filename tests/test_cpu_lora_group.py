@@ -1,11 +1,12 @@
-"""dense_group: outputs and every gradient equal autodiff of the per-projection LoRA formula."""
+"""grouped_lora_dense (the CPU LoRA group): outputs and every gradient equal autodiff of the
+per-projection LoRA formula."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.dense_group import dense_group
+from lora_jax.ops.cpu_lora_group import grouped_lora_dense
 
 T, D, R, SCALE = 12, 8, 3, 2.0
 OUTS = (8, 4, 6)
@@ -29,14 +30,14 @@ def _reference(x, kernels, a_s, b_s):
 @pytest.mark.parametrize("adapted", [(True, True, True), (True, False, True), (False, True, False)])
 def test_matches_autodiff(merge, adapted):
   x, kernels, a_s, b_s, cot = _setup(adapted)
-  got = dense_group(x, kernels, a_s, b_s, SCALE, merge=merge)
+  got = grouped_lora_dense(x, kernels, a_s, b_s, SCALE, merge=merge)
   for g, w in zip(got, _reference(x, kernels, a_s, b_s)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
   def loss(fn, x, kernels, a_s, b_s):
     return sum(jnp.sum(y * c) for y, c in zip(fn(x, kernels, a_s, b_s), cot))
 
-  ours = lambda *a: dense_group(*a, SCALE, merge=merge)  # noqa: E731
+  ours = lambda *a: grouped_lora_dense(*a, SCALE, merge=merge)  # noqa: E731
   for argnums in [(0, 1, 2, 3), (2, 3), (1,)]:  # all / LoRA step (x, kernels frozen) / kernels
     want = jax.grad(lambda *a: loss(_reference, *a), argnums)(x, kernels, a_s, b_s)
     got = jax.grad(lambda *a: loss(ours, *a), argnums)(x, kernels, a_s, b_s)
@@ -61,7 +62,8 @@ def test_lora_grad_skips_kernel_gradients():
   x, kernels, a_s, b_s, cot = _setup((True, True, True))
 
   def loss(kernels, a_s, b_s):
-    return sum(jnp.sum(y * c) for y, c in zip(dense_group(x, kernels, a_s, b_s, SCALE), cot))
+    ys = grouped_lora_dense(x, kernels, a_s, b_s, SCALE)
+    return sum(jnp.sum(y * c) for y, c in zip(ys, cot))
 
   kernel_shapes = {(D, o) for o in OUTS}
   lora_only = _token_contractions(jax.grad(loss, (1, 2)), kernels, a_s, b_s)
