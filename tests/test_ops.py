@@ -192,3 +192,19 @@ def test_train_step_compiles_for_tpu_with_splash_kernel():
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=600)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_training_setup_takes_the_platform_from_the_mesh_or_model_platform():
+  from lora_jax import config as rc
+  from lora_jax.training.setup import Trainer
+  cfg = rc.default_config()
+  cfg.train.steps = 1
+  assert cfg.model.platform == "auto"
+  assert Trainer(cfg, total_steps=1).model.platform == "cpu"  # this host's mesh: CPU devices
+  cfg.model.platform = "tpu"
+  rc.validate_config(cfg, num_devices=1)
+  trainer = Trainer(cfg, total_steps=1)
+  assert trainer.platform == trainer.model.platform == "tpu"
+  cfg.model.platform = "npu"
+  with pytest.raises(rc.ConfigError, match="model.platform"):
+    rc.validate_config(cfg, num_devices=1)

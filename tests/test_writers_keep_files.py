@@ -81,7 +81,7 @@ def test_own_previous_output_is_replaced_without_overwrite(tmp_path, model):
 def test_peft_export_keeps_a_model_card(tmp_path, model):
   config, params = model
   lora = LoraConfig(rank=2, targets="attention")
-  with_lora = add_lora(params, config, lora, jax.random.key(1))
+  with_lora = add_lora(params, lora, jax.random.key(1))
   out = tmp_path / "adapter"
   peft.save_peft(out, config, lora, with_lora)
   (out / "README.md").write_text("card")

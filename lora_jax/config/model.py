@@ -41,7 +41,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False  # rematerialize each decoder layer in the backward pass
-  attention_impl: str | None = None  # None (auto), "xla" or "cudnn"
+  attention_impl: str | None = None  # None (per platform, lora_jax.ops), "xla", "cudnn", "splash"
   attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
 
   def __post_init__(self):

@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False
   c.model.attention_dropout = 0.0  # dropout on attention probabilities (training only)
+  c.model.platform = "auto"  # kernels for "cpu" / "tpu" / "gpu"; "auto": the mesh's devices
 
   # LoRA: `lora.enabled=False` is full finetuning.
   c.lora = ml_collections.ConfigDict()
@@ -299,6 +300,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, num_devices: int | None =
   _one_of(cfg, "model.param_dtype", DTYPES)
   require(0 <= cfg.model.attention_dropout < 1, "model.attention_dropout",
           f"must be in [0, 1), got {cfg.model.attention_dropout}")
+  _one_of(cfg, "model.platform", ("auto", "cpu", "gpu", "tpu"))
   # lora
   lora_config(cfg)  # raises ConfigError on rank/alpha/dropout/targets/init
   for pat in frozen_patterns(cfg):

@@ -114,7 +114,9 @@ def attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1LS: Array, *,
     impl = {"tpu": "splash", "gpu": "cudnn" if causal and _cudnn_applies(q_BLHD) else "xla"
             }[platform]
   if impl == "splash":
-    if causal and tpu_attention.supported(q_BLHD.shape[1]):
+    # The kernel compiles for TPU devices only: a TPU path forced onto another mesh uses XLA's.
+    on_tpu = mesh is None or platform_of(mesh) == "tpu"
+    if causal and on_tpu and tpu_attention.supported(q_BLHD.shape[1]):
       return tpu_attention.splash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, mesh=mesh)
     impl = "xla"
   # cuDNN skips the blocks above the diagonal with is_causal; the mask (as a bias) adds segments.

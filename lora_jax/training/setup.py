@@ -28,6 +28,7 @@ from lora_jax.config import LlamaConfig, model_config_from
 from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
                            trainable_labels)
 from lora_jax.model import Llama, init_params, param_logical_axes, param_shapes
+from lora_jax.ops import resolve_platform
 from lora_jax.optim import make_optimizer
 from lora_jax.training.step import BATCH_KEYS, TrainState, make_train_step, state_shardings
 
@@ -41,7 +42,9 @@ class Trainer:
     self.mesh = mesh or sharding.make_mesh(cfg.mesh)
     self.model_config = model_config_from(cfg)
     self.lora_config = rc.lora_config(cfg)
-    self.model = Llama(self.model_config, self.lora_config)
+    # Kernels for the devices the step is compiled for (model.platform overrides), not the host's.
+    self.platform = resolve_platform(cfg.model.platform, self.mesh)
+    self.model = Llama(self.model_config, self.lora_config, platform=self.platform, mesh=self.mesh)
     self.total_steps = int(total_steps)
     mc, lora = self.model_config, self.lora_config
     self.base_shapes = param_shapes(mc)
@@ -97,7 +100,7 @@ class Trainer:
     sums = ckpt.fingerprint_sums(base)
     params = base
     if self.lora_config is not None:
-      params = add_lora(base, self.model_config, self.lora_config, lora_key)
+      params = add_lora(base, self.lora_config, lora_key)
     trainable, frozen = split_params(params, self.labels)
     state = TrainState.create(trainable, self.tx, rng) if with_state else None
     return state, frozen, sums
