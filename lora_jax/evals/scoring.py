@@ -70,12 +70,12 @@ def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
 _SCORE_FNS: dict = {}
 
 
-def _score_fn(config: LlamaConfig, lora: LoraConfig | None, platform: str):
-  """Jitted per-token log-probs for one model shape and platform, shared by every Scorer (one
-  compile cache); the Counter counts traces by input shape."""
-  key = (repr(config), repr(lora), platform)
+def _score_fn(config: LlamaConfig, lora: LoraConfig | None, platform: str, mesh: Any):
+  """Jitted per-token log-probs for one model shape, platform and mesh, shared by every Scorer
+  (one compile cache); the Counter counts traces by input shape."""
+  key = (repr(config), repr(lora), platform, mesh)
   if key not in _SCORE_FNS:
-    model = Llama(config, lora=lora, platform=platform)
+    model = Llama(config, lora=lora, platform=platform, mesh=mesh)
     counts: collections.Counter = collections.Counter()
 
     def token_logprobs(params, inputs_BL, targets_BL, segments_BL):
@@ -110,7 +110,8 @@ class Scorer:
       from lora_jax.generate import place_on_mesh
       self._sharding, self._multiple, self.params = place_on_mesh(config, params, lora_config,
                                                                   mesh)
-    self._fn, self.trace_count = _score_fn(config, lora_config, resolve_platform(platform, mesh))
+    self._fn, self.trace_count = _score_fn(config, lora_config, resolve_platform(platform, mesh),
+                                           mesh)
 
   def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     return encode_pair(self.tokenizer, context, continuation, self.add_bos)
