@@ -274,3 +274,34 @@ def test_follow_ups_run_after_training_until_their_output_exists(tmp_path):
   calls.clear()
   sweep.run_sequentially([run], call=lambda argv: calls.append(argv) or 0, log=lambda s: None)
   assert calls == []
+
+
+def test_seeding_on_an_object_store_copies_the_commit_marker_last(tmp_path, monkeypatch):
+  """No rename on GCS: files are copied one by one, orbax's commit marker last, so a copy cut
+  short is not a checkpoint (and is redone on the next start)."""
+  src = tmp_path / "trunk" / "checkpoints" / "4"
+  for rel in ("commit_success.txt", "state/a.bin", "state/manifest.ocdbt", "data.json"):
+    (src / rel).parent.mkdir(parents=True, exist_ok=True)
+    (src / rel).write_text(rel)
+  monkeypatch.setattr(sweep, "_is_local", lambda path: False)
+  run = sweep.PlannedRun("b", {"output_dir": str(tmp_path / "b")}, start_from=str(src))
+  copied = []
+  path_type = type(sweep.epath.Path(str(src)))
+  real_copy = path_type.copy
+
+  def fail_at_marker(self, dst, overwrite=False):
+    if self.name == "commit_success.txt":
+      raise OSError("connection reset")
+    copied.append(self.name)
+    return real_copy(self, dst, overwrite=overwrite)
+
+  monkeypatch.setattr(path_type, "copy", fail_at_marker)
+  with pytest.raises(OSError):
+    sweep.seed_from_trunk(run)
+  assert sorted(copied) == ["a.bin", "data.json", "manifest.ocdbt"]  # everything but the marker
+  assert not sweep._has_checkpoints(run.output_dir)  # the cut-short copy is no checkpoint
+  monkeypatch.setattr(path_type, "copy", real_copy)
+  assert sweep.seed_from_trunk(run)
+  dest = tmp_path / "b" / "checkpoints" / "4"
+  assert (dest / "state" / "a.bin").read_text() == "state/a.bin"
+  assert (dest / "commit_success.txt").exists() and sweep._has_checkpoints(run.output_dir)
