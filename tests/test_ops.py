@@ -209,3 +209,19 @@ def test_training_setup_takes_the_platform_from_the_mesh_or_model_platform():
   cfg.model.platform = "npu"
   with pytest.raises(rc.ConfigError, match="model.platform"):
     rc.validate_config(cfg, num_devices=1)
+
+
+def test_accelerator_kernels_only_on_their_devices():
+  """platform=tpu / gpu on a CPU mesh (model.platform forced on this host) runs XLA's attention:
+  no Pallas or cuDNN call is traced."""
+  q, k, v, seg, mask, _ = _splash_inputs()
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))  # within cuDNN's constraints
+  mesh = jax.make_mesh((1,), ("data",))
+  for platform in ("tpu", "gpu"):
+    fn = lambda q: ops.attention(q, k16, v16, mask, segment_ids_BL=seg,  # noqa: E731
+                                 platform=platform, mesh=mesh)
+    jaxpr = str(jax.make_jaxpr(fn)(q16))
+    assert "pallas_call" not in jaxpr and "cudnn" not in jaxpr
+  splash = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, mask, segment_ids_BL=seg,
+                                                      platform="tpu"))(q))
+  assert "pallas_call" in splash  # without a mesh the TPU path does call the kernel

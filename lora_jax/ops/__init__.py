@@ -111,12 +111,16 @@ def attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1LS: Array, *,
   if impl is None:
     if platform == "cpu":
       return einsum_attention(q_BLHD, k_BSKD, v_BSKD, mask_B1LS, causal_chunks=causal)
-    impl = {"tpu": "splash", "gpu": "cudnn" if causal and _cudnn_applies(q_BLHD) else "xla"
-            }[platform]
+    # The kernels compile for their own devices only: an accelerator path forced onto a mesh of
+    # other devices (model.platform=tpu on a CPU host, the accelerator path's tests) uses XLA's.
+    devices = platform if mesh is None else platform_of(mesh)
+    impl = "xla"
+    if platform == devices == "tpu":
+      impl = "splash"
+    elif platform == devices == "gpu" and causal and _cudnn_applies(q_BLHD):
+      impl = "cudnn"
   if impl == "splash":
-    # The kernel compiles for TPU devices only: a TPU path forced onto another mesh uses XLA's.
-    on_tpu = mesh is None or platform_of(mesh) == "tpu"
-    if causal and on_tpu and tpu_attention.supported(q_BLHD.shape[1]):
+    if causal and tpu_attention.supported(q_BLHD.shape[1]):
       return tpu_attention.splash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, mesh=mesh)
     impl = "xla"
   # cuDNN skips the blocks above the diagonal with is_causal; the mask (as a bias) adds segments.
