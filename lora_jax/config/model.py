@@ -68,9 +68,10 @@ class LlamaConfig:
         continue
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    for key in ("bos_token_id", "eos_token_id"):
+    for key in ("bos_token_id", "eos_token_id"):  # None: the model has no such token
       value = getattr(self, key)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 0):
         raise ValueError(f"{key}: expected a token id (an integer >= 0), got {value!r}")
     for key in ("rms_norm_eps", "rope_theta"):
       value = getattr(self, key)
