@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from lora_jax.demo.verdict import verdict_lines
-from lora_jax.fileio import atomic_write_json
+from lora_jax.fileio import atomic_write_json, atomic_write_text
 from lora_jax.report import plots
 
 FIGURES = {
