@@ -122,13 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request through a queued resource (waits for capacity)")
     if action in ("up", "setup", "start"):
       cloud.add_job_arguments(p)
+    if action == "up":
+      p.add_argument("--preflight", choices=("compile", "analytic", "off"), default="compile",
+                     help="before creating the slice, plan every training run for it "
+                          "(lora-jax plan) and refuse runs that do not fit (default: compile)")
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   sh = cloud.Shell(dry_run=args.dry_run)
+  if args.action == "up" and args.preflight != "off" and not preflight(args, sh):
+    return 2
   return cloud.dispatch(args.action, Tpu(args), sh, args)
+
+
+def preflight(args, sh) -> bool:
+  """Every training run of the job planned for --accelerator-type before a slice is created."""
+  job = cloud.job_from_args(args)  # (puts the repository on sys.path)
+  from lora_jax.plan import preflight as pf
+  return pf.check(job.commands, job.names, args.accelerator_type, mode=args.preflight,
+                  repo_root=cloud.REPO_ROOT, note=sh.note)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ COMMANDS = {
     "sweep": "sweep",
     "convert": "convert",
     "export-peft": "export_peft",
+    "plan": "plan",
 }
 
 

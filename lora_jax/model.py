@@ -299,7 +299,8 @@ class Llama(nn.Module):
     rope_BL1D = rope_tables(positions_BL, rope_inv_freq(cfg))
     layer_cls = DecoderLayer
     if cfg.remat:
-      layer_cls = nn.remat(DecoderLayer, static_argnums=(4,))
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(4,),
+                           policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     new_k, new_v = [], []
     for i in range(cfg.num_hidden_layers):
       layer_cache = None

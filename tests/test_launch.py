@@ -48,7 +48,8 @@ TRAIN = ["--", "lora-jax", "train", "--config", "configs/paper/code_ift.py",
 
 def test_tpu_up_dry_run_creates_installs_runs_and_deletes(capsys):
   out, cmds = dry(tpu.main, ["up", "--name", "lj", "--zone", "us-east5-a",
-                             "--accelerator-type", "v5p-64", "--spot", *TRAIN], capsys)
+                             "--accelerator-type", "v5p-64", "--spot", "--preflight=off", *TRAIN],
+                  capsys)
   create = next(c for c in cmds if "tpu-vm create" in c)
   for flag in ("lj", "--zone=us-east5-a", "--accelerator-type=v5p-64",
                "--version=v2-alpha-tpuv5", "--spot"):
@@ -79,7 +80,7 @@ def test_tpu_flags_preemptible_project_and_runtime_versions(capsys):
 
 def test_tpu_queued_resource(capsys):
   out, cmds = dry(tpu.main, ["up", "--name", "q", "--zone", "us-east5-a", "--queued", "--spot",
-                             "--accelerator-type", "v5p-128", *TRAIN], capsys)
+                             "--accelerator-type", "v5p-128", "--preflight=off", *TRAIN], capsys)
   create = next(c for c in cmds if "queued-resources create" in c)
   assert "--node-id=q" in create and "--runtime-version=v2-alpha-tpuv5" in create
   assert "--spot" in create and "--accelerator-type=v5p-128" in create
@@ -93,6 +94,7 @@ def test_tpu_queued_resource(capsys):
 def test_tpu_sweep_with_bucket_stages_and_writes_to_gcs(capsys):
   config = os.path.join(ROOT, "configs", "paper", "code_ift.py")  # absolute on this machine
   out, cmds = dry(tpu.main, ["up", "--name", "s", "--zone", "z", "--bucket", "gs://B",
+                             "--preflight=off",
                              "--sweep", config, "--groups", "main", "--filter", "ep4$",
                              "--override", "train.microbatches=2"], capsys)
   trains = [l for l in out.splitlines() if l.lstrip("# ").startswith("lora-jax train")]

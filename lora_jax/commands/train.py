@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="print the resolved config and exit")
   parser.epilog = ("Override any config key with --config.<key>=<value>, e.g. "
                    "--config.optimizer.lr=3e-4 --config.train.steps=100.")
+  collect_config_overrides(parser)
+
+
+def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
+  """Makes `parser` gather `--config.<key>=<value>` (or `--config.<key> <value>`) words into
+  `args.overrides`."""
   # argparse cannot declare the open-ended --config.<key> options: collect what this
   # subparser leaves unparsed into args.overrides (anything else is still an error).
   original = parser.parse_known_args

@@ -67,7 +67,8 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
   parts = key.split(".")
   if parts[:2] == ["model", "overrides"] and len(parts) == 3:
     check_model_override(parts[2], key)
-    cfg.model.overrides[parts[2]] = _parse_literal(text)
+    with cfg.model.overrides.unlocked():  # a config file may lock its ConfigDict
+      cfg.model.overrides[parts[2]] = _parse_literal(text)
     return
   node = cfg
   for i, p in enumerate(parts):

@@ -16,6 +16,10 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim",
                   "max_position_embeddings")
+# nothing_saveable: keep only each layer's input (least memory, one extra forward);
+# dots_with_no_batch_dims_saveable: also keep the projections' outputs (recompute attention and
+# elementwise ops only); dots_saveable: keep every matmul output, attention's too.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,8 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False  # rematerialize each decoder layer in the backward pass
+  # What remat keeps from the forward pass: a jax.checkpoint_policies name (see REMAT_POLICIES).
+  remat_policy: str = "nothing_saveable"
   attention_impl: str | None = None  # None (per platform, lora_jax.ops), "xla", "cudnn", "splash"
   attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
 
@@ -53,6 +59,8 @@ class LlamaConfig:
     if self.head_dim is None and self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                        f"num_attention_heads={self.num_attention_heads}; set head_dim")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}")
     if self.rope_scaling is not None:
       rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
       if rope_type not in _ROPE_TYPES:
