@@ -25,7 +25,7 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def _estimate(train, target, cfg, shapes, remat: str) -> dict | None:
+def _estimate(train, target, cfg, shapes) -> dict | None:
   if not target.peak_flops or train is None:
     return None
   compute = train.flops / target.peak_flops
@@ -70,8 +70,7 @@ def build(*, cfg, target, note: str, ranked, attempts, shapes, auto: bool) -> di
     fits = mm.fits(analytic, target.hbm_bytes)
   else:
     fits = got is not None and per_device["peak_bytes"] <= target.hbm_bytes
-  est = _estimate(got.programs.get("train") if got else None, target, run_cfg, shapes,
-                  cand.remat)
+  est = _estimate(got.programs.get("train") if got else None, target, run_cfg, shapes)
   return {
       "target": target.to_json(),
       "note": note,
