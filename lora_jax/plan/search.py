@@ -61,7 +61,7 @@ def target(name: str) -> Target:
 def _with(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   for o in overrides:
-    key, _, value = o[len("--config."):].partition("=")
+    key, _, value = o[len(rc.OVERRIDE_PREFIX):].partition("=")
     rc.apply_override(cfg, key, value)
   return cfg
 
