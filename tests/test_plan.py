@@ -84,9 +84,9 @@ def test_plan_full_ft_for_v5e_matches_the_parameter_count_and_6NT(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_plan_lora_for_v5e_keeps_the_base_frozen_and_small(tmp_path):
+def test_plan_lora_for_v5e_keeps_the_base_frozen_small_and_uses_splash(tmp_path):
   r, _ = _plan(tmp_path, "tiny_lora.py", "v5e:2x2", "--config.lora.dropout=0.0",
-               programs="train,eval")
+               "--config.train.seq_len=256", programs="train,eval")
   n, trainable = r["params"]["total"], r["params"]["trainable"]
   pd = r["per_device"]
   assert r["fits"] and 0 < trainable < n / 4
@@ -94,6 +94,9 @@ def test_plan_lora_for_v5e_keeps_the_base_frozen_and_small(tmp_path):
   assert frozen / 4 <= pd["frozen_base_bytes"] <= frozen  # data=-1: replicated or sharded
   assert pd["trainable_bytes"] <= 4 * trainable
   assert "eval" in r["programs"] and r["programs"]["eval"]["flops"] > 0
+  # The TPU program's attention is the Pallas splash kernel (forward and both backward parts).
+  kernels = r["programs"]["train"]["splash_kernels"]
+  assert any("fwd" in k for k in kernels) and any("dkv" in k for k in kernels), kernels
 
 
 @pytest.mark.slow

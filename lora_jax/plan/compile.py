@@ -12,9 +12,9 @@ of `evals.scoring`) and generation's prefill and decode (`generate._device_fns`)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
+import re
 import time
 from typing import Any
 
@@ -61,6 +61,7 @@ class Compiled:
   flops: float
   bytes_accessed: float
   compile_seconds: float
+  splash_kernels: list[str]  # the Pallas splash-attention kernels the program calls (TPU)
   hlo_text: str = dataclasses.field(default="", repr=False)
 
   @property
@@ -85,6 +86,7 @@ def compile_program(name: str, jitted, *args, keep_hlo: bool = False, **kwargs) 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
   # cost_analysis()["optimal_seconds"] is not used: it comes out negative for some programs.
+  hlo = compiled.as_text()
   return Compiled(name=name, argument_bytes=int(mem.argument_size_in_bytes),
                   output_bytes=int(mem.output_size_in_bytes),
                   alias_bytes=int(mem.alias_size_in_bytes),
@@ -93,20 +95,8 @@ def compile_program(name: str, jitted, *args, keep_hlo: bool = False, **kwargs) 
                   flops=float(cost.get("flops", 0.0)),
                   bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                   compile_seconds=seconds,
-                  hlo_text=compiled.as_text() if keep_hlo else "")
-
-
-@contextlib.contextmanager
-def accelerator_code_path(on: bool):
-  """Until the model picks its code paths from the mesh's devices, a TPU compile from a CPU host
-  has to be told not to use the CPU-only ones (grouped projections, chunked einsum attention)."""
-  from lora_jax import model as model_lib
-  saved = model_lib.GROUP_PROJECTIONS
-  model_lib.GROUP_PROJECTIONS = saved and not on
-  try:
-    yield
-  finally:
-    model_lib.GROUP_PROJECTIONS = saved
+                  splash_kernels=sorted(set(re.findall(r"splash_mha_[a-z_]+", hlo))),
+                  hlo_text=hlo if keep_hlo else "")
 
 
 def without_weights(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
@@ -119,13 +109,6 @@ def without_weights(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
     return cfg, (f"model.hf_path={hf} has no config.json here: planned with "
                  f"model.preset={cfg.model.preset}")
   return cfg, ""
-
-
-def _for_devices(cfg: ml_collections.ConfigDict, tpu: bool) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  if tpu and "attention_impl" not in cfg.model.overrides:
-    cfg.model.overrides.attention_impl = "xla"
-  return cfg
 
 
 def _abstract(tree, shardings):
@@ -147,35 +130,35 @@ class Programs:
   programs: dict[str, Compiled]
 
 
-def compile_run(cfg: ml_collections.ConfigDict, devices: list, *, tpu: bool,
+def compile_run(cfg: ml_collections.ConfigDict, devices: list, *,
                 programs: tuple[str, ...] = ("train", "eval", "prefill", "decode"),
                 generation: tuple[int, int, int] | None = None,
                 keep_hlo: bool = False) -> Programs:
   """Compiles the requested programs of run `cfg` for `devices` (abstract TPU devices or the
-  local CPU devices). `generation` = (batch, prompt length, new tokens) for prefill/decode
+  local CPU devices), with the kernels of their platform (`model.platform`: "auto" = theirs).
+  `generation` = (batch, prompt length, new tokens) for prefill/decode
   (default: one row per data-parallel device, prompt 512, 512 new tokens)."""
   from lora_jax.training.setup import Trainer
-  cfg = _for_devices(without_weights(cfg)[0], tpu)
+  cfg = without_weights(cfg)[0]
   rc.validate_config(cfg, num_devices=len(devices))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   out: dict[str, Compiled] = {}
-  with accelerator_code_path(tpu):
-    trainer = Trainer(cfg, total_steps=max(int(cfg.train.steps), 1), mesh=mesh)
-    frozen = _abstract(trainer.frozen_shapes, trainer.frozen_sharding)
-    t = cfg.train
-    if "train" in programs:
-      out["train"] = compile_program(
-          "train", trainer.step_fn, trainer.abstract_state, frozen,
-          _batch(mesh, t.global_batch, t.seq_len), keep_hlo=keep_hlo)
-    params = _abstract(trainer.shapes, trainer.param_sharding)
-    if "eval" in programs:  # the log-likelihood scoring of the multiple-choice evals
-      from lora_jax.evals.scoring import _score_fn
-      score, _ = _score_fn(trainer.model_config, trainer.lora_config)
-      rows = _batch(mesh, t.global_batch // t.microbatches, t.seq_len)
-      out["eval"] = compile_program("eval", score, params, rows["tokens"], rows["tokens"],
-                                    rows["segment_ids"], keep_hlo=keep_hlo)
-    if {"prefill", "decode"} & set(programs):
-      out.update(_compile_generation(trainer, mesh, params, generation, programs, keep_hlo))
+  trainer = Trainer(cfg, total_steps=max(int(cfg.train.steps), 1), mesh=mesh)
+  frozen = _abstract(trainer.frozen_shapes, trainer.frozen_sharding)
+  t = cfg.train
+  if "train" in programs:
+    out["train"] = compile_program(
+        "train", trainer.step_fn, trainer.abstract_state, frozen,
+        _batch(mesh, t.global_batch, t.seq_len), keep_hlo=keep_hlo)
+  params = _abstract(trainer.shapes, trainer.param_sharding)
+  if "eval" in programs:  # the log-likelihood scoring of the multiple-choice evals
+    from lora_jax.evals.scoring import _score_fn
+    score, _ = _score_fn(trainer.model_config, trainer.lora_config, trainer.platform, mesh)
+    rows = _batch(mesh, t.global_batch // t.microbatches, t.seq_len)
+    out["eval"] = compile_program("eval", score, params, rows["tokens"], rows["tokens"],
+                                  rows["segment_ids"], keep_hlo=keep_hlo)
+  if {"prefill", "decode"} & set(programs):
+    out.update(_compile_generation(trainer, mesh, params, generation, programs, keep_hlo))
   return Programs(trainer=trainer, mesh=mesh, programs=out)
 
 
@@ -185,7 +168,7 @@ def _compile_generation(trainer, mesh, params, generation, programs, keep_hlo) -
   batch, prompt, new = generation or (dp, 512, 512)
   mc = trainer.model_config
   prefill, decode, _ = _device_fns(mc, trainer.lora_config, (mc.eos_token_id,), 0,
-                                   jnp.dtype(mc.dtype))
+                                   jnp.dtype(mc.dtype), trainer.platform)
   rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
   rep = sharding.replicated(mesh)
   i32 = lambda shape, sh=rows: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)  # noqa: E731

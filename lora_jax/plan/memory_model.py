@@ -4,7 +4,7 @@ Train state bytes are exact: the parameter shapes sharded by the run's own rules
 (`lora_jax.sharding`) over the candidate mesh. Activations and step time are estimates:
 
   saved activations per layer and token (bytes, compute dtype b):
-    remat none    ~ 10 D b + 4 F b (+ the [H, L] attention scores in f32 with XLA attention)
+    remat none    ~ 10 D b + 4 F b (+ the [H, L] attention scores in f32, except with splash)
     remat full    D b (the layer's input; the layer is recomputed in the backward pass)
     remat dots    D b + (projection outputs: q, k, v, o, gate, up, down)
   plus one layer's full working set during its backward pass, the f32 logits and their
@@ -77,6 +77,7 @@ class Shapes:
   n_matmul: int  # parameters that multiply every token (all but the embedding table)
   n_trainable: int
   n_layer: int  # parameters of one decoder layer
+  scores: bool  # attention materializes [H, L, L] scores (XLA's; splash on TPU does not)
 
 
 def run_shapes(trainer) -> Shapes:
@@ -89,7 +90,8 @@ def run_shapes(trainer) -> Shapes:
                 axes=param_logical_axes(mc, trainer.lora_config), labels=trainer.labels,
                 optimizer=trainer.cfg.optimizer.name,
                 n_total=trainer.n_total, n_matmul=trainer.n_total - n_embed,
-                n_trainable=trainer.n_trainable, n_layer=count_params(shapes["layers_0"]))
+                n_trainable=trainer.n_trainable, n_layer=count_params(shapes["layers_0"]),
+                scores=trainer.platform != "tpu")
 
 
 @dataclasses.dataclass
@@ -149,14 +151,15 @@ def estimate(s: Shapes, cand: Candidate, devices: list, *, global_batch: int, se
   tr_bytes = state["trainable"]
   tr_f32 = tr_bytes * 4 // max(np.dtype(mc.param_dtype).itemsize, 1)
   opt_bytes = tr_f32 * (2 if s.optimizer == "adamw" else 1)
-  grad_bytes = tr_f32 * (2 if cand.microbatches > 1 else 1)  # accumulator + this microbatch's
+  # f32 gradients (+ the accumulator with microbatches) and the optimizer update's new values.
+  grad_bytes = tr_f32 * (3 if cand.microbatches > 1 else 2)
 
   b = np.dtype(mc.dtype).itemsize
   D, F, H, L, V = (mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, seq_len,
                    mc.vocab_size)
   rows = global_batch // (cand.microbatches * d * f)  # sequences per device per microbatch
   T = rows * L
-  scores = H * L * 8 / t  # f32 scores and probabilities of XLA attention, per token
+  scores = H * L * 8 / t if s.scores else 0  # f32 scores and probabilities, per token
   full_layer = (10 * D + 4 * F / t) * b + scores
   saved = {"none": full_layer, "full": D * b,
            "dots": D * b + (5 * D + 2 * F) * b / t}[cand.remat]

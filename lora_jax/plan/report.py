@@ -122,7 +122,8 @@ def format_text(r: dict) -> str:
   for name, prog in r["programs"].items():
     lines.append(f"  {name:8s} total {_gib(prog['total_bytes'])} (temp {_gib(prog['temp_bytes'])})"
                  f", {prog['flops']:.3e} FLOPs, {prog['bytes_accessed']:.3e} bytes accessed"
-                 f" per device; compiled in {prog['compile_seconds']:.0f} s")
+                 f" per device; compiled in {prog['compile_seconds']:.0f} s"
+                 + (", splash attention" if prog["splash_kernels"] else ""))
   if r["compile_error"]:
     lines.append(f"compiler: {r['compile_error']}")
   lines.append(f"FITS: {'yes' if r['fits'] else 'NO'}")

@@ -33,7 +33,6 @@ class Target:
   peak_flops: float | None  # per device, bf16
   hbm_bytes_per_s: float | None
   ici_bytes_per_s: float | None
-  tpu: bool
   source: str
 
   def to_json(self) -> dict:
@@ -47,7 +46,7 @@ def target(name: str) -> Target:
   if name == "cpu":
     import jax
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Target("cpu", jax.devices("cpu"), 1, ram, None, None, None, False,
+    return Target("cpu", jax.devices("cpu"), 1, ram, None, None, None,
                   "host RAM (os.sysconf); no published peak FLOP/s for a CPU: no roofline")
   sl = topologies.resolve(name)
   devices = pc.tpu_devices(sl.topology)
@@ -55,7 +54,7 @@ def target(name: str) -> Target:
   c = sl.chip
   return Target(f"{name} ({sl.topology}, {sl.num_chips} chips of {c.family})", devices,
                 sl.num_chips, c.hbm_bytes // per_chip, c.peak_bf16_flops / per_chip,
-                c.hbm_bytes_per_s / per_chip, c.ici_bytes_per_s / per_chip, True, c.source)
+                c.hbm_bytes_per_s / per_chip, c.ici_bytes_per_s / per_chip, c.source)
 
 
 def _with(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -69,7 +68,7 @@ def _with(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collection
 def _compile(cfg, tgt: Target, programs, generation) -> dict:
   """Compiles; a program the compiler finds too big for the device comes back as an error."""
   try:
-    got = pc.compile_run(cfg, tgt.devices, tpu=tgt.tpu, programs=programs,
+    got = pc.compile_run(cfg, tgt.devices, programs=programs,
                          generation=generation)
   except Exception as e:  # noqa: BLE001  XLA reports out-of-memory as a runtime error
     if "RESOURCE_EXHAUSTED" not in str(e):
