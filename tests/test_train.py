@@ -303,3 +303,12 @@ def test_exports_and_restore_run(tmp_path):
   want = _flat(_host(merge_lora(result.params, result.lora_config)))
   for path, x in _flat(merged).items():
     np.testing.assert_allclose(x, want[path], atol=1e-6)
+
+
+def test_the_old_lora_jax_train_module_still_names_the_api():
+  import lora_jax.train as old
+  from lora_jax import training
+  from lora_jax.config import model_config_from
+  assert old.load_run is training.restore_run and old.model_config_from is model_config_from
+  for name in set(old.__all__) - {"load_run", "model_config_from"}:
+    assert getattr(old, name) is getattr(training, name), name
