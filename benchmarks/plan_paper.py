@@ -70,26 +70,38 @@ def run_one(argv: list[str], log_path: str) -> int:
                            cwd=ROOT)
 
 
-def _row(shape: str, method: str, r: dict | None, cmd: list[str]) -> str:
+def _row(shape: str, method: str, slice_name: str, r: dict | None, full: dict | None) -> str:
   if r is None:
-    return f"| {shape} | {method} | not yet run: `{shlex.join(cmd)}` | | | | | |"
+    return f"| {shape} | {method} | {slice_name} | not yet run (command below) | | | | | | |"
   s, pd, e = r["setting"], r["per_device"], r["estimate"] or {}
-  mesh = "/".join(f"{k[0]}{v}" for k, v in s["mesh"].items())
-  gib = f"{pd['peak_bytes'] / GiB:.1f}" if "peak_bytes" in pd else "-"
+  mesh = "/".join(str(v) for v in s["mesh"].values())
+  state = sum(pd.get(k, 0) for k in ("frozen_base_bytes", "trainable_bytes", "optimizer_bytes"))
+  total = f"{pd['peak_bytes'] / GiB:.1f}" if "peak_bytes" in pd else "-"
   fits = "yes" if r["fits"] else "NO"
-  mfu = f"{e['mfu']:.0%}" if e else "-"
-  tps = f"{e['tokens_per_s_per_chip']:,.0f}" if e else "-"
-  step = f"{e['step_seconds']:.2f}" if e else "-"
-  return (f"| {shape} | {method} | {r['target']['name'].split(' ')[0]} | {s['remat']}, "
-          f"{s['microbatches']} microbatches, {mesh} | {gib} ({fits}) | {step} | {mfu} | {tps} |")
+  step = e.get("step_seconds")
+  full_step = ((full or {}).get("estimate") or {}).get("step_seconds")
+  vs_full = f"{step / full_step:.2f}x" if step and full_step and method != "full" else ""
+  head = (f"| {shape} | {method} | {r['target']['name'].split(' ')[0]} | {s['remat']}, "
+          f"{s['microbatches']}, {mesh} | {total} ({fits}) | {state / GiB:.1f} |")
+  if not e:
+    return head + " | | | |"
+  return (head + f" {step:.2f} | {vs_full} | {e['mfu']:.0%} | "
+          f"{e['tokens_per_s_per_chip']:,.0f} |")
 
 
 def table(plans: dict) -> str:
-  lines = ["| shape | method | slice | remat, microbatches, mesh (data/fsdp/tensor) | "
-           "GiB per chip (fits) | step s (ESTIMATE) | MFU (ESTIMATE) | tokens/s/chip (ESTIMATE) |",
-           "|---|---|---|---|---|---|---|---|"]
-  for (shape, method), (r, cmd) in plans.items():
-    lines.append(_row(shape, method, r, cmd))
+  lines = ["| shape | method | slice | remat, microbatches, mesh data/fsdp/tensor | "
+           "GiB per chip, train step (fits) | train state GiB per chip | step s | vs full FT | "
+           "MFU | tokens/s per chip |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  missing = []
+  for (shape, method), (slice_name, r, cmd) in plans.items():
+    full = plans.get((shape, "full"), (None, None, None))[1]
+    lines.append(_row(shape, method, slice_name, r, full))
+    if r is None:
+      missing.append(f"- {shape} / {method}: `{shlex.join(cmd)}`")
+  if missing:
+    lines += ["", "Not yet run (a 7B compile takes ~10 min of one core; run with `nice`):", *missing]
   return "\n".join(lines)
 
 
@@ -108,8 +120,6 @@ def main(argv=None) -> int:
       slice_name = args.slice
     elif os.path.exists(slice_path):
       slice_name = open(slice_path).read().strip()
-    elif args.table_only:
-      slice_name = "SLICE"
     else:
       slice_name = smallest_slice(config)
       with open(slice_path, "w") as f:
@@ -123,7 +133,7 @@ def main(argv=None) -> int:
         rc = run_one(cmd, out[:-len(".json")] + ".log")
         print(f"  exit {rc}", flush=True)
       r = json.load(open(out)) if os.path.exists(out) else None
-      plans[(shape, method)] = (r, cmd)
+      plans[(shape, method)] = (slice_name, r, cmd)
   text = table(plans)
   print(text)
   tmp = os.path.join(ROOT, "benchmarks", "results", "plan_paper.md.tmp")
