@@ -99,7 +99,7 @@ def build(*, cfg, target, note: str, ranked, attempts, shapes, auto: bool) -> di
 
 
 def _gib(x) -> str:
-  return f"{x / GiB:.2f} GiB"
+  return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 1024**2:.2f} MiB"
 
 
 def format_text(r: dict) -> str:
