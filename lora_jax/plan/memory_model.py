@@ -116,19 +116,27 @@ class Estimate:
     return max(self.compute_seconds, self.comm_seconds) + self.exposed_seconds
 
 
+def attention_flops_per_token(s: Shapes, seq_len: int, remat: str = "none") -> float:
+  """Causal attention's FLOPs per token in training: the two [L, L] matmuls (half the square,
+  as causal kernels skip the blocks above the diagonal), forward + backward, + remat's
+  recomputed forward (every policy recomputes attention)."""
+  mc = s.model_config
+  forward = 2 * mc.num_hidden_layers * seq_len * mc.num_attention_heads * mc.dh
+  return forward * (3 if remat == "none" else 4)
+
+
 def train_flops_per_token(s: Shapes, seq_len: int, *, remat: str = "none",
                           model_only: bool = False) -> float:
-  """Training FLOPs per token. `model_only`: the model FLOPs of MFU (PaLM, appendix B: 6 N +
-  12 layers L H Dh for full finetuning; with LoRA the frozen weights get no gradient, so 4 N +
-  6 N_lora); otherwise also remat's recomputed forward."""
-  mc = s.model_config
-  attention = 4 * mc.num_hidden_layers * seq_len * mc.num_attention_heads * mc.dh  # forward
+  """Training FLOPs per token. `model_only`: the model FLOPs of MFU (PaLM, appendix B: 6 N + 12
+  layers L H Dh for full finetuning, the attention term halved for causal attention; with LoRA
+  the frozen weights get no gradient, so 4 N + 6 N_lora); otherwise also remat's recomputed
+  forward."""
   lora = s.lora_config is not None
-  forward = 2 * s.n_matmul + attention
-  flops = 3 * attention + (4 * s.n_matmul + 6 * s.n_trainable if lora else 6 * s.n_matmul)
-  if not model_only:
-    flops += {"none": 0.0, "full": forward, "dots": attention}[remat]
-  return flops
+  flops = 4 * s.n_matmul + 6 * s.n_trainable if lora else 6 * s.n_matmul
+  if model_only:
+    return flops + attention_flops_per_token(s, seq_len)
+  recompute = {"none": 0, "full": 2 * s.n_matmul, "dots": 0}[remat]
+  return flops + recompute + attention_flops_per_token(s, seq_len, remat)
 
 
 def placed_state(s: Shapes, mesh_sizes: tuple[int, int, int], devices: list) -> dict:

@@ -16,8 +16,9 @@ import jax
 from lora_jax.plan import memory_model as mm
 
 GiB = 1024**3
-ESTIMATE_LABEL = ("ESTIMATE: roofline from the compiled program's FLOPs and bytes accessed "
-                  "and the chip's published peaks; not a measurement, ignores communication")
+ESTIMATE_LABEL = ("ESTIMATE: roofline (an upper bound) from the compiled program's FLOPs and "
+                  "bytes accessed and the chip's published peaks; not a measurement, ignores "
+                  "communication")
 
 
 def _abstract(tree, shardings):
@@ -25,17 +26,25 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def _estimate(train, target, cfg, shapes) -> dict | None:
+def _estimate(train, target, cfg, shapes, cand) -> dict | None:
+  """Roofline of the train step. The cost analysis counts the microbatch loop's body once, so
+  its FLOPs and bytes are scaled by the microbatch count, and it does not see into the splash
+  kernels (custom calls), whose causal attention FLOPs are added analytically."""
   if not target.peak_flops or train is None:
     return None
-  compute = train.flops / target.peak_flops
-  memory = train.bytes_accessed / target.hbm_bytes_per_s
-  step = max(compute, memory)
-  tokens = cfg.train.global_batch * cfg.train.seq_len
-  model_flops = tokens * mm.train_flops_per_token(shapes, cfg.train.seq_len, model_only=True)
   n = len(target.devices)
+  tokens = cfg.train.global_batch * cfg.train.seq_len
+  flops = train.flops * cand.microbatches
+  if train.splash_kernels:
+    flops += tokens * mm.attention_flops_per_token(shapes, cfg.train.seq_len, cand.remat) / n
+  accessed = train.bytes_accessed * cand.microbatches
+  compute = flops / target.peak_flops
+  memory = accessed / target.hbm_bytes_per_s
+  step = max(compute, memory)
+  model_flops = tokens * mm.train_flops_per_token(shapes, cfg.train.seq_len, model_only=True)
   return {"label": ESTIMATE_LABEL, "step_seconds": step, "compute_seconds": compute,
           "memory_seconds": memory, "bound": "compute" if compute >= memory else "memory",
+          "flops_per_device": flops, "bytes_accessed_per_device": accessed,
           "tokens_per_s_per_chip": tokens / target.num_chips / step,
           "model_flops_per_step": model_flops,
           "mfu": model_flops / n / (step * target.peak_flops),
@@ -70,7 +79,7 @@ def build(*, cfg, target, note: str, ranked, attempts, shapes, auto: bool) -> di
     fits = mm.fits(analytic, target.hbm_bytes)
   else:
     fits = got is not None and per_device["peak_bytes"] <= target.hbm_bytes
-  est = _estimate(got.programs.get("train") if got else None, target, run_cfg, shapes)
+  est = _estimate(got.programs.get("train") if got else None, target, run_cfg, shapes, cand)
   return {
       "target": target.to_json(),
       "note": note,
@@ -130,6 +139,9 @@ def format_text(r: dict) -> str:
   e = r["estimate"]
   if e:
     lines.append(f"{e['label']}:")
+    lines.append(f"  per device per step: {e['flops_per_device']:.3e} FLOPs, "
+                 f"{e['bytes_accessed_per_device']:.3e} bytes accessed (the loop body's cost "
+                 f"x {s['microbatches']} microbatches, + splash attention's FLOPs)")
     lines.append(f"  step {e['step_seconds']:.3f} s ({e['bound']}-bound), "
                  f"{e['tokens_per_s_per_chip']:,.0f} tokens/s per chip, MFU {e['mfu']:.1%}")
     lines.append(f"  peaks per device: {e['peak_bf16_flops_per_device']:.3e} bf16 FLOP/s, "
