@@ -52,7 +52,7 @@ def _estimate(train, target, cfg, shapes, cand) -> dict | None:
           "hbm_bytes_per_s_per_device": target.hbm_bytes_per_s, "source": target.source}
 
 
-def build(*, cfg, target, note: str, ranked, attempts, shapes, auto: bool) -> dict:
+def build(*, target, note: str, ranked, attempts, shapes, auto: bool) -> dict:
   cand, run_cfg, result = attempts[-1]
   got = result.get("got")
   per_device: dict[str, Any] = {"hbm_bytes": target.hbm_bytes}

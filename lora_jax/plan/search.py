@@ -119,7 +119,7 @@ def plan(cfg: ml_collections.ConfigDict, target_name: str, *, auto: bool = False
     if "got" in result and _fits(result["got"], tgt):
       break
   from lora_jax.plan import report
-  return report.build(cfg=cfg, target=tgt, note=note, ranked=ranked, attempts=attempts,
+  return report.build(target=tgt, note=note, ranked=ranked, attempts=attempts,
                       shapes=shapes, auto=auto)
 
 
