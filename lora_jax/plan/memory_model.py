@@ -132,7 +132,8 @@ def train_flops_per_token(s: Shapes, seq_len: int, *, remat: str = "none",
   the frozen weights get no gradient, so 4 N + 6 N_lora); otherwise also remat's recomputed
   forward."""
   lora = s.lora_config is not None
-  flops = 4 * s.n_matmul + 6 * s.n_trainable if lora else 6 * s.n_matmul
+  # n_matmul counts the LoRA factors too: they are the trainable params under LoRA.
+  flops = 4 * (s.n_matmul - s.n_trainable) + 6 * s.n_trainable if lora else 6 * s.n_matmul
   if model_only:
     return flops + attention_flops_per_token(s, seq_len)
   recompute = {"none": 0, "full": 2 * s.n_matmul, "dots": 0}[remat]
