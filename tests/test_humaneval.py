@@ -89,12 +89,17 @@ def test_stop_lists_and_truncation():
   assert humaneval.truncate_at_stop("abc", [""]) == "abc"
 
 
-def test_build_program_matches_human_eval_format():
+def test_build_program_splits_human_eval_format():
   p = {"prompt": "def f():\n", "test": "def check(c):\n  assert c() == 1\n", "entry_point": "f"}
-  prog = humaneval.build_program(p, "  return 1\n")
-  assert prog == "def f():\n  return 1\n\ndef check(c):\n  assert c() == 1\n\ncheck(f)\n"
-  assert humaneval.build_program(dict(p, prompt="\ndef f():\n"), "", strip_prompt=True)\
-      .startswith("def f():\n")
+  solution, tests = humaneval.build_program(p, "  return 1\n")
+  assert solution == "def f():\n  return 1\n"
+  assert tests.source == "def check(c):\n  assert c() == 1\n\n"  # the bare prompt: test only
+  _, tests = humaneval.build_program(dict(p, prompt="def f():\n  'doc'\n"), "  return 1\n")
+  assert tests.source == "def f():\n  'doc'\n\ndef check(c):\n  assert c() == 1\n\n"
+  assert tests.entry_point == "f"
+  solution, tests = humaneval.build_program(dict(p, prompt="\ndef f():\n  'doc'\n"), "",
+                                            strip_prompt=True)
+  assert solution == "def f():\n  'doc'" and tests.source.startswith("def f():\n  'doc'\n")
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -189,6 +194,60 @@ def test_rescore_saved_samples(tmp_path):
   with pytest.raises(DataError) as e:
     humaneval.load_samples(str(samples))
   assert e.value.where == f"{samples}:1"
+
+
+def test_forged_and_hostile_samples_score_zero_and_never_abort(tmp_path):
+  # Wrong answers dressed up as passes (trace hook swapping check's code, frame theft of the
+  # harness's secrets, an always-equal return value), and programs that used to crash the
+  # evaluator (a deep directory tree, lone surrogates in output and errors). None may pass, and the
+  # evaluation must finish with one verdict per sample.
+  wrong = "    return not text\n"
+  completions = {
+      "wrong": wrong,
+      "trace": ("    return not text\n"
+                "import sys\n"
+                "def _swap(frame, event, arg):\n"
+                "    chk = frame.f_globals.get('check')\n"
+                "    if callable(chk):\n"
+                "        chk.__code__ = (lambda candidate: None).__code__\n"
+                "    frame.f_trace = _swap\n"
+                "    return _swap\n"
+                "sys.settrace(_swap)\nsys._getframe().f_trace = _swap\n"),
+      "frame_theft": ("    import inspect, os\n"
+                      "    for info in inspect.stack():\n"
+                      "        for v in info.frame.f_locals.values():\n"
+                      "            if isinstance(v, bytes) and len(v) == 32:\n"
+                      "                for fd in range(3, 64):\n"
+                      "                    try:\n"
+                      "                        os.write(fd, b'P ' + v + b'\\n')\n"
+                      "                    except OSError:\n"
+                      "                        pass\n"
+                      "                os._exit(0)\n"
+                      "    return not text\n"),
+      "always_equal": ("    class Eq:\n        def __eq__(self, other):\n            return True\n"
+                       "    return Eq()\n"),
+      "deep_tree": ("    import os\n    for _ in range(3000):\n        os.mkdir('d')\n"
+                    "        os.chdir('d')\n    return not text\n"),
+      "surrogates": "    print('\\ud800')\n    raise ValueError('\\ud800')\n",
+  }
+  samples = tmp_path / "s.jsonl"
+  samples.write_text("".join(json.dumps({"task_id": "Fixture/1", "completion": c}) + "\n"
+                             for c in completions.values()))
+  entries = humaneval.evaluate_samples(str(samples), problems_path=FIXTURE,
+                                       out_dir=str(tmp_path / "o"))
+  assert _entries_by_metric(entries)["pass@1"]["value"] == 0.0
+  out = [json.loads(l) for l in open(tmp_path / "o" / "samples_humaneval.jsonl")]
+  assert [r["passed"] for r in out] == [False] * len(completions)
+  assert all(r["result"].startswith(("failed", "timed out")) for r in out), out
+
+
+def test_lone_surrogate_in_samples_file_names_file_and_line(tmp_path):
+  samples = tmp_path / "s.jsonl"
+  samples.write_text(json.dumps({"task_id": "Fixture/1", "completion": "    return 1\n"}) + "\n" +
+                     '{"task_id": "Fixture/1", "completion": "x\\ud800"}\n')
+  with pytest.raises(DataError) as e:
+    humaneval.load_samples(str(samples))
+  assert e.value.where == f"{samples}:2" and "surrogate" in str(e.value)
 
 
 def test_generate_fn_shape_errors():

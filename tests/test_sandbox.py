@@ -144,3 +144,137 @@ def test_leak_detector_sees_marked_and_pool_uid_processes():
       p.kill()
       p.wait()
   assert sandbox.leaked_processes([fake]) == []
+
+
+# ------------------------------------------------------------------ tests in their own process
+
+ADD_TESTS = sandbox.Tests("def check(candidate):\n  assert candidate(2, 3) == 5\n"
+                          "  assert candidate(10, -4) == 6\n", "add")
+
+
+def test_check_mode_verdicts(tmp_root):
+  cases = [
+      ("def add(a, b):\n  return a + b\n", "passed", "passed"),
+      ("def add(a, b):\n  return a - b\n", "failed", "failed: AssertionError"),
+      ("def add(a, b):\n  raise ValueError('bad')\n", "failed", "failed: ValueError: bad"),
+      ("def add(:\n", "failed", "failed: SyntaxError"),
+      ("x = 1\n", "failed", "failed: KeyError: 'add'"),
+      ("import os\nos._exit(0)\n", "failed", "failed: exited with code 0 before the tests"),
+      ("import os\ndef add(a, b):\n  os._exit(3)\n", "failed",
+       "failed: exited with code 3 before the tests"),
+      ("import os, signal\ndef add(a, b):\n  os.kill(os.getpid(), signal.SIGSEGV)\n", "failed",
+       "failed: killed by SIGSEGV"),
+      ("import sys\ndef add(a, b):\n  sys.exit(0)\n", "failed", "failed: SystemExit: 0"),
+      ("def add(a, b):\n  return float(a + b)\n", "passed", "passed"),  # 5.0 == 5, as in-process
+      ("def add(a, b):\n  return (a + b for _ in [0])\n", "failed", "failed: TypeError: a generator"),
+  ]
+  results = sandbox.run_many([c[0] for c in cases], tests=[ADD_TESTS] * len(cases), workers=2,
+                             tmp_root=tmp_root, timeout_s=10)
+  for (src, status, detail), r in zip(cases, results):
+    assert r.status == status, (src, r)
+    assert r.result.startswith(detail), (src, r.result)
+  assert "Traceback" in results[2].stderr and "ValueError: bad" in results[2].stderr
+  assert sandbox.leaked_processes(results) == []
+
+
+def test_check_mode_passes_plain_data_exactly(tmp_root):
+  values = ("[None, True, 0, -1, 2 ** 200, 1.5, float('inf'), -0.0, 1+2j, 'a\\ud800', b'\\x00\\xff',"
+            " (1, (2,)), [[]], {'k': (1, 2), 3: [4]}, {1, 2}, frozenset({(1, 2)}), bytearray(b'x')]")
+  tests = sandbox.Tests(
+      f"def check(candidate):\n  values = {values}\n"
+      "  for v in values:\n    got = candidate(v)\n"
+      "    assert got == v and type(got) is type(v) or isinstance(v, bytearray), (got, v)\n"
+      "  assert candidate([1, 2]) == [1, 2] and candidate(k=3) == 3\n", "echo")
+  r = _run("def echo(x=None, k=None):\n  return x if k is None else k\n", tmp_root, tests=tests)
+  assert r.passed, r
+
+
+def test_tests_never_enter_the_solution_process(tmp_root):
+  # The solution looks for the expected answer (a marker only the tests hold) everywhere it can:
+  # its files, its own memory, its parent's /proc entries.
+  marker = "expected-" + "7f3a9c"
+  tests = sandbox.Tests(f"def check(candidate):\n  assert candidate() == {marker!r}\n", "guess")
+  src = ("import gc, os, sys\n"
+         f"marker = 'expected-' + '7f3a9c'\n"
+         "seen = []\n"
+         "for root, dirs, files in os.walk('.'):\n"
+         "  for f in files:\n"
+         "    if marker.encode() in open(os.path.join(root, f), 'rb').read():\n"
+         "      seen.append('file')\n"
+         "for o in gc.get_objects():\n"
+         "  for v in (o.values() if isinstance(o, dict) else [o]):\n"
+         "    if isinstance(v, (str, bytes)) and v is not marker and "
+         "(marker in v if isinstance(v, str) else marker.encode() in v):\n"
+         "      seen.append('memory')\n"
+         "for name in ('cmdline', 'environ', 'mem'):\n"
+         "  try:\n"
+         "    if marker.encode() in open(f'/proc/{os.getppid()}/{name}', 'rb').read(1 << 20):\n"
+         "      seen.append(name)\n"
+         "  except OSError:\n"
+         "    pass\n"
+         "print('SEEN', sorted(set(seen)))\n"
+         "def guess():\n  return 'no idea'\n")
+  r = _run(src, tmp_root, tests=tests)
+  assert r.status == "failed" and "SEEN []" in r.stdout, r
+
+
+@pytest.mark.parametrize("with_tests", [False, True])
+def test_ignoring_sigxcpu_is_still_a_cpu_timeout(tmp_root, with_tests):
+  # The kernel SIGKILLs a process one CPU second after the SIGXCPU it ignored.
+  src = ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+         "def add(a, b):\n  while True:\n    pass\n")
+  src += "" if with_tests else "add(1, 2)\n"
+  r = _run(src, tmp_root, timeout_s=30.0, cpu_s=1, tests=ADD_TESTS if with_tests else None)
+  assert r.status == "timed_out" and r.result == "timed out (cpu time limit)", r
+
+
+def test_surrogates_in_source_and_output_give_verdicts(tmp_root):
+  r = _run("x = '\ud800'\n", tmp_root)  # a lone surrogate in the source: not UTF-8
+  assert r.status == "failed" and "SyntaxError" in r.result, r
+  r = _run("raise ValueError('\\ud800')\n", tmp_root)
+  assert r.status == "failed" and "\\ud800" in r.result, r
+  r.result.encode("utf-8")
+  r = _run("import sys\nsys.stdout.buffer.write(b'\\xed\\xa0\\x80\\xff')\n", tmp_root)
+  assert r.passed and r.stdout == "\ufffd" * 4, r
+
+
+def test_one_evaluator_error_is_one_failed_verdict(tmp_root, monkeypatch):
+  from lora_jax.sandbox import rundir
+  real = rundir.make_rundir
+
+  def flaky(tmp, source, uid):
+    if "boom" in source:
+      raise RecursionError("maximum recursion depth exceeded")
+    return real(tmp, source, uid)
+
+  monkeypatch.setattr(rundir, "make_rundir", flaky)
+  results = sandbox.run_many(["x = 'boom'\n", "x = 1\n"], workers=1, tmp_root=tmp_root)
+  assert results[0].status == "failed" and "RecursionError" in results[0].result
+  assert results[1].passed
+
+
+def test_remove_rundir_takes_any_tree(tmp_path):
+  from lora_jax.sandbox import rundir
+  top = tmp_path / "run"
+  top.mkdir()
+  # Deeper than PATH_MAX and the recursion limit, built with directory fds.
+  fd = os.open(top, os.O_RDONLY)
+  for _ in range(3000):
+    os.mkdir("dd", dir_fd=fd)
+    nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = nxt
+  os.close(fd)
+  for name in (b"\xff\xfe", b"new\nline", b"x" * 255):
+    open(os.path.join(os.fsencode(top), name), "wb").close()
+  os.symlink("loop_b", top / "loop_a")
+  os.symlink("loop_a", top / "loop_b")
+  os.symlink(str(tmp_path), top / "outside")  # must not be followed
+  (tmp_path / "keep").write_text("x")
+  locked = top / "locked" / "inner"
+  locked.mkdir(parents=True)
+  (locked / "f").write_text("x")
+  os.chmod(locked, 0)
+  os.chmod(top / "locked", 0)
+  rundir.remove_rundir(str(top))
+  assert not os.path.lexists(top) and (tmp_path / "keep").read_text() == "x"

@@ -1,10 +1,13 @@
 """Hostile programs: each must be reported failed / timed out, and leave no trace.
 
-Every program is "attack + a wrong solution", so a run that looks passed means the attack faked
-success. After the suite (run in parallel, under load) we check: the evaluator is alive, no
-sandbox process is left (per-run uid or marker), no run directory is left, the sentinel tree
-(world-writable, outside the sandbox) is unchanged, nothing was written to /tmp, /var/tmp,
-/dev/shm, the evaluator's cwd or $HOME, and the local listener saw no connection.
+Every program is "attack + a wrong solution" of `add`, run as HumanEval runs completions: the
+tests (`TESTS`) in their own process, calling the program's `add`. A run that looks passed means
+the attack faked success. After the suite (run in parallel, under load) we check: the evaluator is
+alive, no sandbox process is left (per-run uid or marker), no run directory is left, the sentinel
+tree (world-writable, outside the sandbox) is unchanged, nothing was written to /tmp, /var/tmp,
+/dev/shm, the evaluator's cwd or $HOME, the local TCP and Unix-socket listeners saw no connection,
+and the attacks that report what they reached (ptrace, /proc/<pid>/mem, nested user namespaces,
+disk) were refused.
 
 Checks that depend on an OS protection (read-only mounts, network namespace, ...) are asserted
 only where `sandbox_info()` reports the protection as active; the test output says which.
@@ -24,8 +27,80 @@ import pytest
 
 from lora_jax import sandbox
 
-WRONG = ("\n\ndef add(a, b):\n  return a - b\n\n"
-         "def check(candidate):\n  assert candidate(2, 3) == 5\n\ncheck(add)\n")
+WRONG = "\n\ndef add(a, b):\n  return a - b\n"
+# Two different answers, so a solution that answers a constant (e.g. forged replies queued on
+# its socket before the tests start) fails.
+TESTS = sandbox.Tests("def check(candidate):\n  assert candidate(2, 3) == 5\n"
+                      "  assert candidate(10, -4) == 6\n", "add")
+
+# Verdict forgeries: each would pass if it could reach the code that runs `check`.
+FORGERIES = {
+    "trace_swaps_check": (
+        "import sys, threading\n"
+        "def _noop(*a, **k):\n  return None\n"
+        "def _tracer(frame, event, arg):\n"
+        "  chk = frame.f_globals.get('check')\n"
+        "  if callable(chk) and getattr(chk, '__code__', None) is not _noop.__code__:\n"
+        "    chk.__code__ = _noop.__code__\n"
+        "  frame.f_trace = _tracer\n"
+        "  return _tracer\n"
+        "sys.settrace(_tracer)\nsys.setprofile(_tracer)\nthreading.settrace(_tracer)\n"
+        "f = sys._getframe()\nwhile f is not None:\n  f.f_trace = _tracer\n  f = f.f_back\n"
+        + WRONG),
+    "frame_theft": (
+        "import inspect, os, string, sys\n"
+        "def _steal():\n"
+        "  frames = [i.frame for i in inspect.stack()]\n"
+        "  f = sys._getframe()\n"
+        "  while f is not None:\n    frames.append(f)\n    f = f.f_back\n"
+        "  for fr in frames:\n"
+        "    for v in list(fr.f_locals.values()) + list(fr.f_globals.values()):\n"
+        "      if (isinstance(v, bytes) and len(v) == 32 and\n"
+        "          set(v.decode('latin-1')) <= set(string.hexdigits)):\n"
+        "        for fd in range(3, 128):\n"
+        "          try:\n            os.write(fd, b'P ' + v + b'\\n')\n"
+        "          except OSError:\n            pass\n"
+        "        os._exit(0)\n"
+        "_steal()\n"
+        "def add(a, b):\n  _steal()\n  return a - b\n"),
+    "gc_code_swap": (
+        "import gc\n"
+        "for o in gc.get_objects():\n"
+        "  if callable(o) and getattr(o, '__name__', '') in ('check', 'candidate', 'fail', "
+        "'finish_failed', 'main'):\n"
+        "    try:\n      o.__code__ = (lambda *a, **k: None).__code__\n"
+        "    except Exception:\n      pass\n"
+        "gc.get_referrers(gc.get_objects)\n" + WRONG),
+    "ptrace_and_mem_of_checker": (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "reached = []\n"
+        "for pid in {os.getppid(), 1}:\n"
+        "  for what, path in (('mem', f'/proc/{pid}/mem'), ('environ', f'/proc/{pid}/environ')):\n"
+        "    try:\n      open(path, 'rb').read(1)\n      reached.append(what)\n"
+        "    except OSError:\n      pass\n"
+        "  try:\n    os.listdir(f'/proc/{pid}/fd')\n    reached.append('fd')\n"
+        "  except OSError:\n    pass\n"
+        "  if libc.ptrace(16, pid, 0, 0) == 0:\n    reached.append('ptrace')\n"
+        "print('REACHED', sorted(set(reached)))\n" + WRONG),
+    "always_equal": ("class Eq:\n  def __eq__(self, other):\n    return True\n"
+                     "  def __ne__(self, other):\n    return False\n  __hash__ = object.__hash__\n"
+                     "def add(a, b):\n  return Eq()\n"),
+    "always_equal_int": ("class I(int):\n  def __eq__(self, other):\n    return True\n"
+                         "  __hash__ = int.__hash__\n"
+                         "def add(a, b):\n  return I(a - b)\n"),
+    "forged_replies": ("import os\n"
+                       "def _msg(b):\n  return len(b).to_bytes(4, 'big') + b\n"
+                       "for fd in range(3, 64):\n"
+                       "  try:\n    os.write(fd, _msg(b'[\"ready\"]') + _msg(b'[\"ok\", 5]') * 4)\n"
+                       "  except OSError:\n    pass\n" + WRONG),
+    "garbage_replies": ("import os\n"
+                        "for fd in range(3, 64):\n"
+                        "  try:\n    os.write(fd, b'\\xff\\xff\\xff\\xff' + b'{' * 1000)\n"
+                        "  except OSError:\n    pass\n" + WRONG),
+    "deeply_nested_result": ("def add(a, b):\n  x = []\n  for _ in range(100000):\n"
+                             "    x = [x]\n  return x\n"),
+}
 
 
 def hostile_programs(ctx):
@@ -92,7 +167,33 @@ def hostile_programs(ctx):
       "chmod_trap": ("import os\nos.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\n"
                      "for d in ('a/b/c', 'a/b', 'a', '.'):\n  os.chmod(d, 0)\n" + WRONG),
       "setuid_root": "import os\nos.setuid(0)\n" + WRONG,
+      "unix_socket_connect": (f"import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                              f"s.connect({c['unix_path']!r})\ns.sendall(b'pwned')\n" + WRONG),
+      "nested_user_namespace": ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                                "ok = libc.unshare(0x10000000) == 0\n"
+                                "print('USERNS', 'created' if ok else 'denied')\n" + WRONG),
+      "fill_disk_many_files": ("n = 0\ntry:\n  while n < 200:\n"
+                               "    with open(f'f{n}', 'wb') as f:\n"
+                               "      f.write(b'0' * (4 << 20))\n    n += 1\n"
+                               "except OSError as e:\n  print('DISK', e.errno, n)\n" + WRONG),
+      "deep_tree": ("import os\nfor _ in range(3000):\n  os.mkdir('d')\n  os.chdir('d')\n"
+                    + WRONG),
+      "odd_names_and_loops": ("import os\n"
+                              "for name in (b'\\xff\\xfe', b'new\\nline', b'x' * 255, "
+                              "'\u00fc'.encode()):\n"
+                              "  open(name, 'wb').close()\n  os.mkdir(name[:250] + b'.d')\n"
+                              "os.symlink('loop_a', 'loop_b')\nos.symlink('loop_b', 'loop_a')\n"
+                              "os.symlink('.', 'self')\nos.symlink('/', 'root')\n"
+                              "os.chmod('.', 0o500)\n" + WRONG),
+      "surrogates_in_output": ("import sys\nsys.stdout.buffer.write(b'\\xed\\xa0\\x80\\n')\n"
+                               "sys.stderr.write('\\ud800'.encode('utf-8', 'surrogatepass')"
+                               ".decode('latin-1'))\n"
+                               "def add(a, b):\n  raise ValueError('\\ud800')\n"),
+      "surrogate_in_source": "x = '\ud800'\n" + WRONG,
+      "ignore_sigxcpu_spin": ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+                              "while True:\n  pass\n"),
   }
+  progs.update(FORGERIES)
   info = sandbox.sandbox_info()
   if not (info["uid_switch"] or info["pid_ns"]):
     # Without another uid or PID namespace these would hit the test runner itself.
@@ -144,13 +245,20 @@ def ctx():
   listener.bind(("127.0.0.1", 0))
   listener.listen(8)
   listener.setblocking(False)
+  unix_path = os.path.join(base, "listener.sock")  # a filesystem socket anyone may connect to
+  unix_listener = socket.socket(socket.AF_UNIX)
+  unix_listener.bind(unix_path)
+  os.chmod(unix_path, 0o777)
+  unix_listener.listen(8)
+  unix_listener.setblocking(False)
   old_cwd, old_home = os.getcwd(), os.environ.get("HOME")
   os.chdir(cwd)
   os.environ["HOME"] = home
   token = "lora_jax_hostile_" + secrets.token_hex(6)
   c = {"base": base, "sentinel": sentinel, "cwd": cwd, "home": home, "tmp_root": tmp_root,
        "port": listener.getsockname()[1], "token": token, "eval_pid": os.getpid(),
-       "pkg": os.path.dirname(sandbox.__file__), "listener": listener}
+       "pkg": os.path.dirname(sandbox.__file__), "listener": listener,
+       "unix_path": unix_path, "unix_listener": unix_listener}
   try:
     yield c
   finally:
@@ -160,6 +268,7 @@ def ctx():
     else:
       os.environ["HOME"] = old_home
     listener.close()
+    unix_listener.close()
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
       p = os.path.join(d, token)
       if os.path.exists(p):
@@ -175,9 +284,10 @@ def run_suite(c, repeats=1, workers=4, timeout_s=1.5):
   before = _tree_digest(c["sentinel"])
   listing = {d: set(os.listdir(d)) for d in (c["cwd"], c["home"])}
   t0 = time.monotonic()
-  results = sandbox.run_many([src for _, src in progs] * repeats, workers=workers,
+  results = sandbox.run_many([src for _, src in progs] * repeats,
+                             tests=[TESTS] * (len(progs) * repeats), workers=workers,
                              timeout_s=timeout_s, memory_mb=512, max_procs=16, file_size_mb=8,
-                             output_limit=4096, tmp_root=c["tmp_root"], nice=10)
+                             disk_mb=32, output_limit=4096, tmp_root=c["tmp_root"], nice=10)
   elapsed = time.monotonic() - t0
   info = sandbox.sandbox_info()
   names = [n for n, _ in progs] * repeats
@@ -188,7 +298,8 @@ def run_suite(c, repeats=1, workers=4, timeout_s=1.5):
   assert sandbox.leaked_processes(results) == []
   assert _cmdlines_with(c["token"]) == []
   assert os.listdir(c["tmp_root"]) == []
-  protected = {"fs": info["readonly_fs"], "net": info["net_ns"]}
+  protected = {"fs": info["readonly_fs"], "net": info["net_ns"], "tmp": info["private_tmp"],
+               "userns": info["no_nested_userns"], "disk": info["disk_budget"]}
   if protected["fs"]:
     assert _tree_digest(c["sentinel"]) == before
     for d, names_before in listing.items():
@@ -200,9 +311,21 @@ def run_suite(c, repeats=1, workers=4, timeout_s=1.5):
   if protected["net"]:
     with pytest.raises(BlockingIOError):
       c["listener"].accept()
-  by_name = dict(zip(names, results))
-  for name in ("infinite_loop", "ignore_sigterm_loop", "huge_stdout"):
-    assert by_name[name].status == "timed_out", (name, by_name[name])
+  if protected["tmp"]:
+    with pytest.raises(BlockingIOError):
+      c["unix_listener"].accept()
+  for name, r in zip(names, results):
+    if name == "ptrace_and_mem_of_checker":
+      assert "REACHED []" in r.stdout, r
+    if name == "nested_user_namespace" and protected["userns"]:
+      assert "USERNS denied" in r.stdout, r
+    if name == "fill_disk_many_files" and protected["disk"]:
+      assert "DISK 28" in r.stdout, r  # ENOSPC at the run's disk budget
+    if name in ("infinite_loop", "ignore_sigterm_loop", "huge_stdout", "ignore_sigxcpu_spin"):
+      assert r.status == "timed_out", (name, r)
+    if name in ("always_equal", "always_equal_int", "forged_replies"):
+      assert r.status == "failed" and ("AssertionError" in r.result or "TypeError" in r.result), r
+    r.result.encode("utf-8")  # every verdict can be written out
   return elapsed, len(progs), protected
 
 

@@ -1,11 +1,12 @@
 """HumanEval (Chen et al., 2021): sample completions, run them against the unit tests, score.
 
 A problem is a jsonl row with `task_id`, `prompt`, `test`, `entry_point` (and, in the official
-file, `canonical_solution`). The program that is executed is, as in openai/human-eval,
-`prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, in the sandbox
-(`lora_jax.sandbox`). Completions are cut at the first stop sequence; the default list is
-the bigcode-evaluation-harness one (`STOP_BIGCODE`), the original human-eval / Codex list is
-`STOP_HUMAN_EVAL`. Paper settings: pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix
+file, `canonical_solution`). What is executed is openai/human-eval's program
+`prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"` in the sandbox
+(`lora_jax.sandbox`), split in two processes so the completion cannot forge the verdict: the
+solution `prompt + completion`, and the tests `prompt + test` calling `check` against it.
+Completions are cut at the first stop sequence; the default list is the bigcode-evaluation-harness
+one (`STOP_BIGCODE`), the original human-eval / Codex list is `STOP_HUMAN_EVAL`. Paper settings: pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix
 pass@k from n=256 at T=0.8.
 
 `generate_fn(prompts, *, n, temperature, top_p, max_new_tokens, stop, seed) -> list[list[str]]`
@@ -93,10 +94,19 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
   return text[:cut]
 
 
-def build_program(problem: Mapping, completion: str, *, strip_prompt: bool = False) -> str:
+def build_program(problem: Mapping, completion: str, *,
+                  strip_prompt: bool = False) -> tuple[str, sandbox.Tests]:
+  """human-eval's program split in two: the solution (`prompt + completion`) and the tests
+  (`prompt + "\\n" + test`, so the test sees the prompt's helpers; `test` alone if the prompt
+  does not compile by itself), which run in a process the solution cannot reach and call
+  `check(entry_point)` against it."""
   prompt = problem["prompt"].strip() if strip_prompt else problem["prompt"]
-  return (prompt + completion + "\n" + problem["test"] + "\n" +
-          f"check({problem['entry_point']})\n")
+  try:
+    compile(prompt, "prompt", "exec")
+  except (SyntaxError, ValueError):  # a prompt that is not a module on its own: test alone
+    return prompt + completion, sandbox.Tests(problem["test"] + "\n", problem["entry_point"])
+  return (prompt + completion,
+          sandbox.Tests(prompt + "\n" + problem["test"] + "\n", problem["entry_point"]))
 
 
 def score_completions(problems: Sequence[Mapping], completions: Sequence[Sequence[str]], *,
@@ -106,7 +116,8 @@ def score_completions(problems: Sequence[Mapping], completions: Sequence[Sequenc
   if len(completions) != len(problems):
     raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
   jobs = [(p, j, c) for p, cs in zip(problems, completions) for j, c in enumerate(cs)]
-  outcomes = sandbox.run_many([build_program(p, c, strip_prompt=strip_prompt) for p, _, c in jobs],
+  programs = [build_program(p, c, strip_prompt=strip_prompt) for p, _, c in jobs]
+  outcomes = sandbox.run_many([s for s, _ in programs], tests=[t for _, t in programs],
                               workers=workers, timeout_s=timeout_s, **sandbox_kwargs)
   return [{"task_id": p["task_id"], "sample": j, "completion": c, "passed": r.passed,
            "result": r.result} for (p, j, c), r in zip(jobs, outcomes)]
@@ -157,6 +168,11 @@ def load_samples(path: str) -> list[dict]:
       if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
                                               for k in ("task_id", "completion")):
         raise DataError(f"{path}:{lineno}", "expected an object with string task_id, completion")
+      try:
+        row["completion"].encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{lineno}", f"completion holds a lone surrogate "
+                        f"{e.object[e.start]!r} at character {e.start}, which is not text") from None
       rows.append(row)
   return rows
 

@@ -9,11 +9,14 @@ import threading
 
 from lora_jax.sandbox import rundir
 from lora_jax.sandbox.result import SandboxError
-from lora_jax.sandbox.run import execute
+from lora_jax.sandbox.run import Tests, execute
 
 PROTECTIONS = ("uid_switch", "user_ns", "net_ns", "pid_ns", "mount_ns", "ipc_ns", "proc",
-               "readonly_fs")
-_PROBE_SRC = "import sys\nassert sys.flags.isolated\n"
+               "readonly_fs", "private_tmp", "disk_budget", "no_nested_userns")
+# Runs the tests in their own process, as HumanEval does: the probe covers that path too.
+_PROBE_SRC = "def echo(x):\n  return x\n"
+_PROBE_TESTS = Tests("import sys\n\ndef check(candidate):\n  assert sys.flags.isolated\n"
+                     "  assert candidate((1, [2.5, 'x'], {3})) == (1, [2.5, 'x'], {3})\n", "echo")
 
 _info_lock = threading.Lock()
 _info: dict | None = None
@@ -34,7 +37,9 @@ def sandbox_info(refresh: bool = False) -> dict:
   """Which protections are active here, found by running a probe program (cached).
 
   Keys: the protection flags (uid_switch, user_ns, net_ns, pid_ns, mount_ns, ipc_ns, proc,
-  readonly_fs), `root`, `python` (interpreter that runs the programs), `namespaces_enabled` and
+  readonly_fs, private_tmp: empty private /tmp, /var/tmp, /run; disk_budget: the run dir is a
+  size- and inode-limited tmpfs; no_nested_userns: the program cannot create user namespaces),
+  `root`, `python` (interpreter that runs the programs), `namespaces_enabled` and
   `notes` (why a protection is missing). Environment: LORA_JAX_SANDBOX_PYTHON picks the program
   interpreter; LORA_JAX_SANDBOX_NAMESPACES=0 skips namespaces (debugging; much weaker).
   """
@@ -60,8 +65,8 @@ def _probe() -> dict:
               "namespaces": namespaces}
       try:
         res, got = execute(_PROBE_SRC, plan, timeout_s=30.0, memory_mb=512, cpu_s=None,
-                           max_procs=16, max_open_files=64, file_size_mb=1, output_limit=4096,
-                           tmp_root=None)
+                           max_procs=16, max_open_files=64, file_size_mb=1, disk_mb=1,
+                           output_limit=4096, tmp_root=None, tests=_PROBE_TESTS)
       except SandboxError as e:
         notes.append(f"probe with {python} (uid switch {uid_switch}) could not start: {e}")
         continue

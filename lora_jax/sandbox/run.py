@@ -4,10 +4,14 @@ and the verdict (passed / failed / timed out).
 A plan says which interpreter runs the program, whether to switch to a per-run uid, whether to
 create namespaces, and which protections must be reported active (`require`; a protection that
 was active when probed but fails now raises `SandboxError`).
+
+Secrets (the per-run nonce and, with `Tests`, the test source) reach the wrapper through an
+anonymous memory file, never through the run directory the program can read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +26,20 @@ import time
 from lora_jax.sandbox import process, rundir as rundirs
 from lora_jax.sandbox.child import LAUNCHER_SRC, WRAPPER_SRC
 from lora_jax.sandbox.result import ExecResult, SandboxError
+
+INODES = 4096  # files + directories a program may create in its run dir (with a disk budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tests:
+  """Trusted test code, run in its own process against the program's `entry_point`.
+
+  `source` defines `check(candidate)` (and whatever helpers it needs); after it ran, `entry_point`
+  in its namespace and the `candidate` passed to `check` both forward calls to the program's
+  function, with arguments and results copied as plain data.
+  """
+  source: str
+  entry_point: str
 
 
 class _Capture:
@@ -43,7 +61,8 @@ class _Capture:
 
 
 def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, max_open_files,
-            file_size_mb, output_limit, tmp_root, nice=0) -> tuple[ExecResult, dict]:
+            file_size_mb, disk_mb, output_limit, tmp_root, nice=0,
+            tests: Tests | None = None) -> tuple[ExecResult, dict]:
   """Run `source` under `plan`; the verdict and the protections the launcher reported."""
   t0 = time.monotonic()
   token = secrets.token_hex(8)
@@ -56,21 +75,20 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
   pipes, proc, clean, rundir = [], None, False, None
   try:
     rundir = rundirs.make_rundir(tmp_root, source, lease.uid if lease else None)
-    nonce_r, nonce_w = os.pipe()
+    secret_fd = _secret_file(nonce, tests)
     res_r, res_w = os.pipe()
     st_r, st_w = os.pipe()
-    pipes = [nonce_r, res_r, st_r]
-    os.write(nonce_w, nonce)
-    os.close(nonce_w)
+    pipes = [secret_fd, res_r, st_r]
     nproc = max_procs if lease else process.user_tasks() + max_procs
     cpu = math.ceil(cpu_s) if cpu_s is not None else math.ceil(timeout_s) + 1
     cfg = {
         "python": plan["python"], "wrapper": WRAPPER_SRC, "rundir": rundir,
-        "fds": [nonce_r, res_w, st_w], "uid": lease.uid if lease else None,
+        "fds": [secret_fd, res_w, st_w], "uid": lease.uid if lease else None,
         "namespaces": plan["namespaces"], "nice": max(0, int(nice)),
+        "mode": "check" if tests else "program", "entry_point": tests.entry_point if tests else "",
         "limits": {"AS": memory_mb << 20, "CPU": cpu, "FSIZE": file_size_mb << 20,
                    "NOFILE": max_open_files, "NPROC": nproc, "CORE": 0},
-        "ro_check": rundirs.readonly_checks(tmp_root),
+        "disk_mb": disk_mb, "inodes": INODES, "ro_check": rundirs.readonly_checks(tmp_root),
     }
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": rundir,
            "TMPDIR": os.path.join(rundir, "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -80,9 +98,9 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
       proc = subprocess.Popen(
           [sys.executable, "-I", "-S", "-c", LAUNCHER_SRC, json.dumps(cfg)],
           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          cwd=rundir, env=env, pass_fds=(nonce_r, res_w, st_w), start_new_session=True)
+          cwd=rundir, env=env, pass_fds=(secret_fd, res_w, st_w), start_new_session=True)
     finally:
-      for fd in (nonce_r, res_w, st_w):
+      for fd in (secret_fd, res_w, st_w):
         os.close(fd)
       pipes = [res_r, st_r]
     caps = {"out": _Capture(output_limit), "err": _Capture(output_limit),
@@ -106,7 +124,7 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
     proc.wait()
     _pump(None, {proc.stdout.fileno(): caps["out"], proc.stderr.fileno(): caps["err"],
                  res_r: caps["res"], st_r: caps["st"]}, time.monotonic() + 1.0)
-    return _verdict(caps, nonce, timed_out, plan, time.monotonic() - t0, token,
+    return _verdict(caps, nonce, timed_out, plan, cpu, time.monotonic() - t0, token,
                     lease.uid if lease else None)
   finally:
     for fd in pipes:
@@ -128,6 +146,22 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
         if not clean:
           clean = process.kill_uid(lease.uid)
         lease.release(clean)
+
+
+def _secret_file(nonce: bytes, tests: Tests | None) -> int:
+  """An unlinked memory file holding the nonce line and the test source, read from offset 0."""
+  fd = os.memfd_create("lora_jax_sandbox_secret", 0)
+  try:
+    body = tests.source.encode("utf-8", "surrogatepass") if tests else b""
+    os.write(fd, nonce + b"\n")
+    view = memoryview(body)
+    while view:
+      view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+  except BaseException:
+    os.close(fd)
+    raise
 
 
 def _pump(proc, captures: dict, deadline: float) -> bool:
@@ -171,8 +205,28 @@ def _pump(proc, captures: dict, deadline: float) -> bool:
       os.close(pidfd)
 
 
-def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float, run_id: str,
-             uid: int | None):
+def _clean(text: str) -> str:
+  """`text` with lone surrogates (which no UTF-8 writer accepts) spelled out as escapes."""
+  return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _ended(status, cpu_s, cpu_limit: int) -> tuple[str, str]:
+  """The verdict on a process that ended before the tests finished, from its wait status."""
+  rc = os.waitstatus_to_exitcode(status)
+  # Past the soft CPU limit the kernel sends SIGXCPU; a process that ignores it is SIGKILLed one
+  # CPU second later, which is the same verdict.
+  if rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and cpu_s is not None and
+                               cpu_s >= cpu_limit):
+    return "timed_out", "timed out (cpu time limit)"
+  if rc < 0:
+    name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+    extra = {"SIGXFSZ": " (file size limit)", "SIGKILL": " (killed)"}.get(name, "")
+    return "failed", f"failed: killed by {name}{extra}"
+  return "failed", f"failed: exited with code {rc} before the tests finished"
+
+
+def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, cpu_limit: int, duration: float,
+             run_id: str, uid: int | None):
   status = {}
   for line in bytes(caps["st"].data).decode("utf-8", "replace").splitlines():
     tag, _, payload = line.partition(" ")
@@ -186,20 +240,19 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float, r
   missing = [k for k, v in plan["require"].items() if v and not got.get(k)]
   if status.get("S") is not None and missing:
     raise SandboxError(f"protections {missing} were active when probed but failed now: {got}")
-  wait = status.get("X", {}).get("status")
-  rc = None
-  if wait is not None:
-    rc = os.waitstatus_to_exitcode(wait)
+  ended = status.get("X") or {}
+  wait = ended.get("status")
+  rc = None if wait is None else os.waitstatus_to_exitcode(wait)
   res = bytes(caps["res"].data)
   out, err = caps["out"].text(), caps["err"].text()
 
   def result(st, detail):
-    return ExecResult(st, detail, rc, out, err, round(duration, 4), run_id, uid), got
+    return ExecResult(st, _clean(detail), rc, out, err, round(duration, 4), run_id, uid), got
 
   if timed_out:
     return result("timed_out", "timed out")
-  if rc == -signal.SIGXCPU:
-    return result("timed_out", "timed out (cpu time limit)")
+  if wait is not None and rc < 0 and _ended(wait, ended.get("cpu_s"), cpu_limit)[0] == "timed_out":
+    return result(*_ended(wait, ended.get("cpu_s"), cpu_limit))
   if res == b"P " + nonce + b"\n" and rc == 0:
     return result("passed", "passed")
   if b"P " + nonce in res:
@@ -208,14 +261,12 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, duration: float, r
     if line.startswith("F "):
       try:
         info = json.loads(line[2:])
+        if isinstance(info.get("exit"), dict) and info["exit"].get("status") is not None:
+          return result(*_ended(info["exit"]["status"], info["exit"].get("cpu_s"), cpu_limit))
         return result("failed", f"failed: {info['type']}" +
                       (f": {info['message']}" if info.get("message") else ""))
-      except (ValueError, KeyError, TypeError):
+      except (ValueError, KeyError, TypeError, AttributeError):
         break
-  if rc is None:
+  if wait is None:
     return result("failed", "failed: sandbox supervisor was killed")
-  if rc < 0:
-    name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
-    extra = {"SIGXFSZ": " (file size limit)", "SIGKILL": " (killed)"}.get(name, "")
-    return result("failed", f"failed: killed by {name}{extra}")
-  return result("failed", f"failed: exited with code {rc} before the tests finished")
+  return result(*_ended(wait, ended.get("cpu_s"), cpu_limit))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 
 from lora_jax.sandbox.result import SandboxError
@@ -36,9 +37,13 @@ def other_can_traverse(path: str) -> bool:
 
 
 def make_rundir(tmp_root: str, source: str, uid: int | None) -> str:
-  """A fresh run dir under `tmp_root` holding main.py (= `source`) and tmp/, owned by `uid`."""
+  """A fresh run dir under `tmp_root` holding main.py (= `source`) and tmp/, owned by `uid`.
+
+  Lone surrogates in `source` are written as they are (invalid UTF-8): the program then fails to
+  compile, which is its verdict, instead of the evaluator failing to write it.
+  """
   rundir = tempfile.mkdtemp(prefix=RUN_PREFIX, dir=tmp_root)
-  with open(os.path.join(rundir, "main.py"), "w", encoding="utf-8") as f:
+  with open(os.path.join(rundir, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
     f.write(source)
   os.mkdir(os.path.join(rundir, "tmp"))
   if uid is not None:
@@ -48,24 +53,23 @@ def make_rundir(tmp_root: str, source: str, uid: int | None) -> str:
 
 
 def remove_rundir(path: str) -> None:
-  """Remove a run dir even if the program chmod-ed parts of it to 000 (never follows links)."""
-  def unlock(p):
-    try:
-      if stat.S_ISDIR(os.lstat(p).st_mode):
-        os.chmod(p, 0o700)
-    except OSError:
-      pass
-  for _ in range(2):
+  """Remove a run dir whatever the program left in it: directories chmod-ed to 000, trees deeper
+  than PATH_MAX or the recursion limit, symlink loops, undecodable names. Never follows links.
+
+  shutil.rmtree recurses per level, so deep trees go to coreutils (`chmod -R`, `rm -rf`), which
+  walk with directory fds at any depth.
+  """
+  for _ in range(3):
     if not os.path.lexists(path):
       return
     try:
       shutil.rmtree(path)
       return
-    except OSError:
-      unlock(path)
-      for root, dirs, _ in os.walk(path):
-        for d in dirs:
-          unlock(os.path.join(root, d))
+    except (OSError, RecursionError):
+      pass
+    for cmd in (["chmod", "-R", "u+rwx", "--", path], ["rm", "-rf", "--one-file-system", "--", path]):
+      subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, check=False)
   if os.path.lexists(path):
     raise SandboxError(f"could not remove sandbox directory {path}")
 
