@@ -278,3 +278,20 @@ def test_remove_rundir_takes_any_tree(tmp_path):
   os.chmod(top / "locked", 0)
   rundir.remove_rundir(str(top))
   assert not os.path.lexists(top) and (tmp_path / "keep").read_text() == "x"
+
+
+def test_memory_budget_covers_the_whole_run(tmp_root):
+  # Processes that each stay under the 512 MiB per-process limit exceed the run's 512 + 32 MiB
+  # budget together: the kernel kills the largest.
+  info = sandbox.sandbox_info()
+  if not info["cgroup_budget"]:
+    pytest.skip("no cgroup budget here: " + "; ".join(info["notes"]))
+  kids = ("import os, time\nkids = []\nfor _ in range({n}):\n  pid = os.fork()\n"
+          "  if pid == 0:\n    x = b'1' * ({mb} << 20)\n    time.sleep(3)\n    os._exit(0)\n"
+          "  kids.append(pid)\n")
+  src = kids.format(n=4, mb=200) + "print('KILLED', sum(os.waitpid(k, 0)[1] == 9 for k in kids))\n"
+  r = _run(src, tmp_root, memory_mb=512, disk_mb=32, timeout_s=30.0)
+  assert r.passed and int(r.stdout.split()[1]) >= 1, r
+  src = kids.format(n=2, mb=150) + "time.sleep(0.5)\nx = b'1' * (400 << 20)\n"
+  r = _run(src, tmp_root, memory_mb=512, disk_mb=32, timeout_s=30.0)
+  assert r.result == "failed: killed by SIGKILL (out of the run's memory budget)", r

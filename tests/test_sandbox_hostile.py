@@ -176,6 +176,9 @@ def hostile_programs(ctx):
                                "    with open(f'f{n}', 'wb') as f:\n"
                                "      f.write(b'0' * (4 << 20))\n    n += 1\n"
                                "except OSError as e:\n  print('DISK', e.errno, n)\n" + WRONG),
+      "memory_many_processes": ("import os, time\nfor _ in range(4):\n  if os.fork() == 0:\n"
+                                "    x = b'1' * (200 << 20)\n    time.sleep(5)\n    os._exit(0)\n"
+                                "time.sleep(1)\n" + WRONG),
       "deep_tree": ("import os\nfor _ in range(3000):\n  os.mkdir('d')\n  os.chdir('d')\n"
                     + WRONG),
       "odd_names_and_loops": ("import os\n"

@@ -4,16 +4,22 @@ Every program runs in a fresh `python -I` process, in its own temporary director
 TMPDIR), its own session, with stdin closed, a scrubbed environment, captured and size-capped
 stdout/stderr, and rlimits on address space, CPU time, file size, open files and processes.
 Where the OS allows it, a small launcher (started with the evaluator's interpreter) also puts the
-program into new network / PID / mount / IPC namespaces, remounts every filesystem read-only except
-the run directory, and, when the evaluator runs as root, switches to a per-run unprivileged uid (so
-RLIMIT_NPROC binds and every process the program leaves behind can be found and killed by uid).
-`sandbox_info()` says which of these protections are active; `run_program` refuses to run with
-fewer protections than the first probe found (no silent downgrade mid-evaluation).
+run into its own cgroup (whole-run memory and process budget), into new network / PID / mount /
+IPC namespaces with every filesystem read-only, empty private /tmp, /var/tmp, /run and /dev/shm,
+and the run directory on a size-limited tmpfs, forbids nested user namespaces, and, when the
+evaluator runs as root, switches to a per-run unprivileged uid (so RLIMIT_NPROC binds and every
+process the program leaves behind can be found and killed by uid). `sandbox_info()` says which of
+these protections are active; `run_program` refuses to run with fewer protections than the first
+probe found (no silent downgrade mid-evaluation).
+
+With `Tests`, the tests run in a process of their own that the program cannot reach, calling the
+program's entry point across a socket with plain data: the program cannot forge the verdict
+(child.py explains how).
 
 Modules: `probe` (which protections this machine allows), `run` (one program: launcher, pipes,
-cleanup, verdict), `process` (uid leases, finding and killing a run's processes), `rundir` (the
-per-run directory), `child` (the code that runs inside the sandbox), `result` (ExecResult).
-This module holds the entry points, `run_program` and `run_many`.
+cleanup, verdict), `process` (uid leases, finding and killing a run's processes), `cgroup` (the
+run's cgroup), `rundir` (the per-run directory), `child` (the code that runs inside the sandbox),
+`result` (ExecResult). This module holds the entry points, `run_program` and `run_many`.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ def run_program(source: str, *, tests: Tests | None = None, timeout_s: float = 1
 
   `timeout_s` is the wall-clock limit (launcher start-up included); `cpu_s` the CPU-time rlimit
   in seconds, rounded up (default: timeout_s rounded up, plus 1); `memory_mb` the address-space
-  rlimit; `max_procs` the process/thread rlimit (for the per-run uid when root, else on top of
-  the user's current count); `file_size_mb` the largest file it may write; `disk_mb` what all its
+  rlimit per process, and with `disk_mb` the whole run's memory budget (where
+  `sandbox_info()["cgroup_budget"]`); `max_procs` the process/thread rlimit (for the per-run uid
+  when root, else on top of the user's current count; also the run's cgroup budget); `file_size_mb` the largest file it may write; `disk_mb` what all its
   files together may take (where `sandbox_info()["disk_budget"]`); `output_limit` the
   bytes of stdout/stderr kept. `tmp_root` is where the per-run directory is made (default: the
   system temp dir; it must be traversable by other users when the evaluator runs as root).
@@ -52,7 +59,7 @@ def run_program(source: str, *, tests: Tests | None = None, timeout_s: float = 1
   """
   info = sandbox_info()
   plan = {"uid_switch": info["uid_switch"], "python": info["python"],
-          "namespaces": info["namespaces_enabled"],
+          "namespaces": info["namespaces_enabled"], "cgroup": info["cgroup_budget"],
           "require": {k: info[k] for k in PROTECTIONS if k != "uid_switch"}}
   try:
     res, _ = execute(source, plan, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s,

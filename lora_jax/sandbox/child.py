@@ -1,7 +1,8 @@
 """Code that runs on the child side of the sandbox (see run.py), kept as source strings.
 
 LAUNCHER_SRC runs as `python -I -S -c LAUNCHER_SRC '<json config>'` with the evaluator's
-privileges. It creates what namespaces it can, forks a child and waits for it:
+privileges. It joins the run's cgroup (whole-run memory and process budget) if there is one,
+creates what namespaces it can, forks a child and waits for it:
 
   child: setsid -> private mounts: fresh /proc, empty private /tmp, /var/tmp, /run (no filesystem
   sockets of the host are reachable there), a size- and inode-limited tmpfs as the run dir, every
@@ -292,6 +293,16 @@ def reap_orphans():
     time.sleep(0.005)
 
 
+if cfg["cgroup_procs"]:  # first, so every process of the run is inside the run's cgroup
+  try:
+    for path in cfg["cgroup_procs"]:
+      with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    got["cgroup_budget"] = True
+  except OSError as e:
+    got["cgroup_budget"], got["cgroup_budget_error"] = False, f"joining {path}: {e}"
+else:
+  got["cgroup_budget"], got["cgroup_budget_error"] = False, cfg["cgroup_error"]
 root = os.geteuid() == 0
 if not cfg["namespaces"]:
   got["user_ns"], got["user_ns_error"] = False, "disabled (LORA_JAX_SANDBOX_NAMESPACES=0)"

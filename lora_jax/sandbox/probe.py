@@ -12,7 +12,7 @@ from lora_jax.sandbox.result import SandboxError
 from lora_jax.sandbox.run import Tests, execute
 
 PROTECTIONS = ("uid_switch", "user_ns", "net_ns", "pid_ns", "mount_ns", "ipc_ns", "proc",
-               "readonly_fs", "private_tmp", "disk_budget", "no_nested_userns")
+               "readonly_fs", "private_tmp", "disk_budget", "no_nested_userns", "cgroup_budget")
 # Runs the tests in their own process, as HumanEval does: the probe covers that path too.
 _PROBE_SRC = "def echo(x):\n  return x\n"
 _PROBE_TESTS = Tests("import sys\n\ndef check(candidate):\n  assert sys.flags.isolated\n"
@@ -38,7 +38,8 @@ def sandbox_info(refresh: bool = False) -> dict:
 
   Keys: the protection flags (uid_switch, user_ns, net_ns, pid_ns, mount_ns, ipc_ns, proc,
   readonly_fs, private_tmp: empty private /tmp, /var/tmp, /run; disk_budget: the run dir is a
-  size- and inode-limited tmpfs; no_nested_userns: the program cannot create user namespaces),
+  size- and inode-limited tmpfs; no_nested_userns: the program cannot create user namespaces;
+  cgroup_budget: the whole run's memory and processes are capped by a cgroup),
   `root`, `python` (interpreter that runs the programs), `namespaces_enabled` and
   `notes` (why a protection is missing). Environment: LORA_JAX_SANDBOX_PYTHON picks the program
   interpreter; LORA_JAX_SANDBOX_NAMESPACES=0 skips namespaces (debugging; much weaker).
@@ -62,7 +63,7 @@ def _probe() -> dict:
     for python in _python_candidates(uid_switch):
       tried.append(f"{python} (uid switch {uid_switch})")
       plan = {"uid_switch": uid_switch, "python": python, "require": {},
-              "namespaces": namespaces}
+              "namespaces": namespaces, "cgroup": True}
       try:
         res, got = execute(_PROBE_SRC, plan, timeout_s=30.0, memory_mb=512, cpu_s=None,
                            max_procs=16, max_open_files=64, file_size_mb=1, disk_mb=1,

@@ -23,11 +23,12 @@ import sys
 import tempfile
 import time
 
-from lora_jax.sandbox import process, rundir as rundirs
+from lora_jax.sandbox import cgroup, process, rundir as rundirs
 from lora_jax.sandbox.child import LAUNCHER_SRC, WRAPPER_SRC
 from lora_jax.sandbox.result import ExecResult, SandboxError
 
 INODES = 4096  # files + directories a program may create in its run dir (with a disk budget)
+_SUPERVISORS = 4  # processes of a run besides the program's: launcher, PID 1, tests, solution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,11 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
     raise SandboxError(f"tmp_root {tmp_root} must be traversable by other users (o+x on it and "
                        "its parents): programs run under a separate uid")
   lease = process.UidLease() if plan["uid_switch"] else None
-  pipes, proc, clean, rundir = [], None, False, None
+  pipes, proc, clean, rundir, cg = [], None, False, None, None
   try:
     rundir = rundirs.make_rundir(tmp_root, source, lease.uid if lease else None)
+    cg, cg_error = (cgroup.create(token, memory_mb + disk_mb, max_procs + _SUPERVISORS)
+                    if plan.get("cgroup") else (None, "not requested"))
     secret_fd = _secret_file(nonce, tests)
     res_r, res_w = os.pipe()
     st_r, st_w = os.pipe()
@@ -89,6 +92,7 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
         "limits": {"AS": memory_mb << 20, "CPU": cpu, "FSIZE": file_size_mb << 20,
                    "NOFILE": max_open_files, "NPROC": nproc, "CORE": 0},
         "disk_mb": disk_mb, "inodes": INODES, "ro_check": rundirs.readonly_checks(tmp_root),
+        "cgroup_procs": cg.procs if cg else [], "cgroup_error": cg_error,
     }
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": rundir,
            "TMPDIR": os.path.join(rundir, "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -124,8 +128,8 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
     proc.wait()
     _pump(None, {proc.stdout.fileno(): caps["out"], proc.stderr.fileno(): caps["err"],
                  res_r: caps["res"], st_r: caps["st"]}, time.monotonic() + 1.0)
-    return _verdict(caps, nonce, timed_out, plan, cpu, time.monotonic() - t0, token,
-                    lease.uid if lease else None)
+    return _verdict(caps, nonce, timed_out, plan, cpu, bool(cg and cg.oom_killed()),
+                    time.monotonic() - t0, token, lease.uid if lease else None)
   finally:
     for fd in pipes:
       try:
@@ -142,6 +146,8 @@ def execute(source: str, plan: dict, *, timeout_s, memory_mb, cpu_s, max_procs, 
       if rundir:
         rundirs.remove_rundir(rundir)
     finally:
+      if cg:
+        cg.remove()
       if lease:
         if not clean:
           clean = process.kill_uid(lease.uid)
@@ -210,7 +216,7 @@ def _clean(text: str) -> str:
   return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _ended(status, cpu_s, cpu_limit: int) -> tuple[str, str]:
+def _ended(status, cpu_s, cpu_limit: int, oom: bool) -> tuple[str, str]:
   """The verdict on a process that ended before the tests finished, from its wait status."""
   rc = os.waitstatus_to_exitcode(status)
   # Past the soft CPU limit the kernel sends SIGXCPU; a process that ignores it is SIGKILLed one
@@ -220,13 +226,14 @@ def _ended(status, cpu_s, cpu_limit: int) -> tuple[str, str]:
     return "timed_out", "timed out (cpu time limit)"
   if rc < 0:
     name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
-    extra = {"SIGXFSZ": " (file size limit)", "SIGKILL": " (killed)"}.get(name, "")
+    extra = {"SIGXFSZ": " (file size limit)",
+             "SIGKILL": " (out of the run's memory budget)" if oom else " (killed)"}.get(name, "")
     return "failed", f"failed: killed by {name}{extra}"
   return "failed", f"failed: exited with code {rc} before the tests finished"
 
 
-def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, cpu_limit: int, duration: float,
-             run_id: str, uid: int | None):
+def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, cpu_limit: int, oom: bool,
+             duration: float, run_id: str, uid: int | None):
   status = {}
   for line in bytes(caps["st"].data).decode("utf-8", "replace").splitlines():
     tag, _, payload = line.partition(" ")
@@ -251,8 +258,9 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, cpu_limit: int, du
 
   if timed_out:
     return result("timed_out", "timed out")
-  if wait is not None and rc < 0 and _ended(wait, ended.get("cpu_s"), cpu_limit)[0] == "timed_out":
-    return result(*_ended(wait, ended.get("cpu_s"), cpu_limit))
+  if wait is not None and rc < 0 and _ended(wait, ended.get("cpu_s"), cpu_limit,
+                                            oom)[0] == "timed_out":
+    return result(*_ended(wait, ended.get("cpu_s"), cpu_limit, oom))
   if res == b"P " + nonce + b"\n" and rc == 0:
     return result("passed", "passed")
   if b"P " + nonce in res:
@@ -262,11 +270,12 @@ def _verdict(caps, nonce: bytes, timed_out: bool, plan: dict, cpu_limit: int, du
       try:
         info = json.loads(line[2:])
         if isinstance(info.get("exit"), dict) and info["exit"].get("status") is not None:
-          return result(*_ended(info["exit"]["status"], info["exit"].get("cpu_s"), cpu_limit))
+          return result(*_ended(info["exit"]["status"], info["exit"].get("cpu_s"), cpu_limit,
+                                oom))
         return result("failed", f"failed: {info['type']}" +
                       (f": {info['message']}" if info.get("message") else ""))
       except (ValueError, KeyError, TypeError, AttributeError):
         break
   if wait is None:
     return result("failed", "failed: sandbox supervisor was killed")
-  return result(*_ended(wait, ended.get("cpu_s"), cpu_limit))
+  return result(*_ended(wait, ended.get("cpu_s"), cpu_limit, oom))
