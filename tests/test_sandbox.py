@@ -166,7 +166,8 @@ def test_check_mode_verdicts(tmp_root):
        "failed: killed by SIGSEGV"),
       ("import sys\ndef add(a, b):\n  sys.exit(0)\n", "failed", "failed: SystemExit: 0"),
       ("def add(a, b):\n  return float(a + b)\n", "passed", "passed"),  # 5.0 == 5, as in-process
-      ("def add(a, b):\n  return (a + b for _ in [0])\n", "failed", "failed: TypeError: a generator"),
+      ("def add(a, b):\n  return (a + b for _ in [0])\n", "failed",
+       "failed: TypeError: a generator"),
   ]
   results = sandbox.run_many([c[0] for c in cases], tests=[ADD_TESTS] * len(cases), workers=2,
                              tmp_root=tmp_root, timeout_s=10)
@@ -178,8 +179,9 @@ def test_check_mode_verdicts(tmp_root):
 
 
 def test_check_mode_passes_plain_data_exactly(tmp_root):
-  values = ("[None, True, 0, -1, 2 ** 200, 1.5, float('inf'), -0.0, 1+2j, 'a\\ud800', b'\\x00\\xff',"
-            " (1, (2,)), [[]], {'k': (1, 2), 3: [4]}, {1, 2}, frozenset({(1, 2)}), bytearray(b'x')]")
+  values = ("[None, True, 0, -1, 2 ** 200, 1.5, float('inf'), -0.0, 1+2j, 'a\\ud800',"
+            " b'\\x00\\xff', (1, (2,)), [[]], {'k': (1, 2), 3: [4]}, {1, 2},"
+            " frozenset({(1, 2)}), bytearray(b'x')]")
   tests = sandbox.Tests(
       f"def check(candidate):\n  values = {values}\n"
       "  for v in values:\n    got = candidate(v)\n"

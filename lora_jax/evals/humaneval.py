@@ -6,8 +6,8 @@ file, `canonical_solution`). What is executed is openai/human-eval's program
 (`lora_jax.sandbox`), split in two processes so the completion cannot forge the verdict: the
 solution `prompt + completion`, and the tests `prompt + test` calling `check` against it.
 Completions are cut at the first stop sequence; the default list is the bigcode-evaluation-harness
-one (`STOP_BIGCODE`), the original human-eval / Codex list is `STOP_HUMAN_EVAL`. Paper settings: pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix
-pass@k from n=256 at T=0.8.
+one (`STOP_BIGCODE`), the original human-eval / Codex list is `STOP_HUMAN_EVAL`. Paper settings:
+pass@1 from n=50 samples at T=0.2, top-p 0.95; appendix pass@k from n=256 at T=0.8.
 
 `generate_fn(prompts, *, n, temperature, top_p, max_new_tokens, stop, seed) -> list[list[str]]`
 returns n completions (text after the prompt) per prompt.
@@ -21,7 +21,7 @@ import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 from lora_jax import sandbox
-from lora_jax.data.errors import DataError, describe_type
+from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 from lora_jax.evals import diversity, passk, results, task_data
 from lora_jax.fileio import atomic_write_json
 
@@ -168,11 +168,9 @@ def load_samples(path: str) -> list[dict]:
       if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
                                               for k in ("task_id", "completion")):
         raise DataError(f"{path}:{lineno}", "expected an object with string task_id, completion")
-      try:
-        row["completion"].encode("utf-8")
-      except UnicodeEncodeError as e:
-        raise DataError(f"{path}:{lineno}", f"completion holds a lone surrogate "
-                        f"{e.object[e.start]!r} at character {e.start}, which is not text") from None
+      surrogate = lone_surrogate(line, row)
+      if surrogate:
+        raise DataError(f"{path}:{lineno}", surrogate)
       rows.append(row)
   return rows
 

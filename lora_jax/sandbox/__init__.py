@@ -14,12 +14,13 @@ probe found (no silent downgrade mid-evaluation).
 
 With `Tests`, the tests run in a process of their own that the program cannot reach, calling the
 program's entry point across a socket with plain data: the program cannot forge the verdict
-(child.py explains how).
+(wrapper.py explains how).
 
 Modules: `probe` (which protections this machine allows), `run` (one program: launcher, pipes,
 cleanup, verdict), `process` (uid leases, finding and killing a run's processes), `cgroup` (the
-run's cgroup), `rundir` (the per-run directory), `child` (the code that runs inside the sandbox),
-`result` (ExecResult). This module holds the entry points, `run_program` and `run_many`.
+run's cgroup), `rundir` (the per-run directory), `launcher` and `wrapper` (the code that runs
+inside the sandbox), `result` (ExecResult). This module holds the entry points, `run_program`
+and `run_many`.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def run_program(source: str, *, tests: Tests | None = None, timeout_s: float = 1
   in seconds, rounded up (default: timeout_s rounded up, plus 1); `memory_mb` the address-space
   rlimit per process, and with `disk_mb` the whole run's memory budget (where
   `sandbox_info()["cgroup_budget"]`); `max_procs` the process/thread rlimit (for the per-run uid
-  when root, else on top of the user's current count; also the run's cgroup budget); `file_size_mb` the largest file it may write; `disk_mb` what all its
-  files together may take (where `sandbox_info()["disk_budget"]`); `output_limit` the
-  bytes of stdout/stderr kept. `tmp_root` is where the per-run directory is made (default: the
-  system temp dir; it must be traversable by other users when the evaluator runs as root).
+  when root, else on top of the user's current count; also the run's cgroup budget);
+  `file_size_mb` the largest file it may write; `disk_mb` what all its files together may take
+  (where `sandbox_info()["disk_budget"]`); `output_limit` the bytes of stdout/stderr kept.
+  `tmp_root` is where the per-run directory is made (default: the system temp dir; it must be
+  traversable by other users when the evaluator runs as root).
   `nice` > 0 lowers the program's CPU priority (kinder to other jobs on a shared machine).
   An evaluator error on one program (not a `SandboxError`) is that program's "failed" verdict.
   """

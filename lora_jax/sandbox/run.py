@@ -24,8 +24,9 @@ import tempfile
 import time
 
 from lora_jax.sandbox import cgroup, process, rundir as rundirs
-from lora_jax.sandbox.child import LAUNCHER_SRC, WRAPPER_SRC
+from lora_jax.sandbox.launcher import LAUNCHER_SRC
 from lora_jax.sandbox.result import ExecResult, SandboxError
+from lora_jax.sandbox.wrapper import WRAPPER_SRC
 
 INODES = 4096  # files + directories a program may create in its run dir (with a disk budget)
 _SUPERVISORS = 4  # processes of a run besides the program's: launcher, PID 1, tests, solution

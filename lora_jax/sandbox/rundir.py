@@ -67,7 +67,8 @@ def remove_rundir(path: str) -> None:
       return
     except (OSError, RecursionError):
       pass
-    for cmd in (["chmod", "-R", "u+rwx", "--", path], ["rm", "-rf", "--one-file-system", "--", path]):
+    for cmd in (["chmod", "-R", "u+rwx", "--", path],
+                ["rm", "-rf", "--one-file-system", "--", path]):
       subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, check=False)
   if os.path.lexists(path):
