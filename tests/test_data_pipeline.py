@@ -2,24 +2,16 @@
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
+from _data_support import data_cfg
+
 from lora_jax.data import DataError, encode_cpt_example, load_records, make_batch_iterator
 from lora_jax.data.tokenizers import ByteTokenizer
-from lora_jax.config import default_config
 
 TOK = ByteTokenizer()
 KEYS = {"tokens", "positions", "segment_ids", "loss_mask"}
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-  c = default_config().data
-  with c.unlocked():
-    for k, v in kw.items():
-      c[k] = v
-  return c
 
 
 def _take(it, n):
@@ -42,7 +34,7 @@ def _docs_from_stream(batches):
 
 @pytest.mark.parametrize("regime", ["cpt", "ift"])
 def test_batch_contract(regime):
-  it = make_batch_iterator(_cfg(regime=regime, synthetic_docs=64), TOK, seq_len=256,
+  it = make_batch_iterator(data_cfg(regime=regime, synthetic_docs=64), TOK, seq_len=256,
                            batch_size=4, seed=0)
   for b in _take(it, 5):
     assert set(b) == KEYS
@@ -59,11 +51,11 @@ def test_batch_contract(regime):
       assert 0 < b["loss_mask"].sum() < (seg > 0).sum()
   assert it.stats["batches"] == 5 and it.stats["tokens"] == sum(
       int((b["segment_ids"] > 0).sum()) for b in _take(make_batch_iterator(
-          _cfg(regime=regime, synthetic_docs=64), TOK, seq_len=256, batch_size=4, seed=0), 5))
+          data_cfg(regime=regime, synthetic_docs=64), TOK, seq_len=256, batch_size=4, seed=0), 5))
 
 
 def test_cpt_epoch_holds_every_document_once():
-  cfg = _cfg(synthetic_docs=50, shuffle=False)
+  cfg = data_cfg(synthetic_docs=50, shuffle=False)
   batches = list(make_batch_iterator(cfg, TOK, seq_len=64, batch_size=1, seed=0, num_epochs=1))
   records = load_records(cfg)
   assert _docs_from_stream(batches) == [records[i]["text"] for i in range(50)]
@@ -72,7 +64,7 @@ def test_cpt_epoch_holds_every_document_once():
 
 
 def test_shuffle_is_deterministic_by_seed_and_reshuffles_each_epoch():
-  cfg = _cfg(synthetic_docs=40)
+  cfg = data_cfg(synthetic_docs=40)
   run = lambda seed: list(make_batch_iterator(cfg, TOK, seq_len=64, batch_size=1, seed=seed,
                                               num_epochs=2))
   a, b, c = run(1), run(1), run(2)
@@ -82,13 +74,13 @@ def test_shuffle_is_deterministic_by_seed_and_reshuffles_each_epoch():
   epoch0, epoch1 = docs[:40], docs[40:]
   assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
   unshuffled = _docs_from_stream(list(make_batch_iterator(
-      _cfg(synthetic_docs=40, shuffle=False), TOK, seq_len=64, batch_size=1, seed=1,
+      data_cfg(synthetic_docs=40, shuffle=False), TOK, seq_len=64, batch_size=1, seed=1,
       num_epochs=1)))
   assert sorted(unshuffled) == sorted(epoch0) and unshuffled != epoch0
 
 
 def test_process_shards_are_disjoint_and_cover_the_data():
-  cfg = _cfg(synthetic_docs=31)
+  cfg = data_cfg(synthetic_docs=31)
   shards = []
   for p in range(3):
     it = make_batch_iterator(cfg, TOK, seq_len=64, batch_size=1, seed=5, process_index=p,
@@ -104,7 +96,7 @@ def test_process_shards_are_disjoint_and_cover_the_data():
 
 @pytest.mark.parametrize("regime,pack", [("cpt", True), ("ift", True), ("ift", False)])
 def test_state_restore_yields_exact_next_batches(regime, pack):
-  cfg = _cfg(regime=regime, pack=pack, synthetic_docs=30)
+  cfg = data_cfg(regime=regime, pack=pack, synthetic_docs=30)
   kw = dict(seq_len=96, batch_size=3, seed=7)
   it = make_batch_iterator(cfg, TOK, **kw)
   offsets = []
@@ -125,15 +117,15 @@ def test_state_restore_yields_exact_next_batches(regime, pack):
 
 
 def test_state_from_another_pipeline_is_rejected():
-  it = make_batch_iterator(_cfg(), TOK, seq_len=64, batch_size=2, seed=0)
+  it = make_batch_iterator(data_cfg(), TOK, seq_len=64, batch_size=2, seed=0)
   next(it)
-  other = make_batch_iterator(_cfg(), TOK, seq_len=64, batch_size=4, seed=0)
+  other = make_batch_iterator(data_cfg(), TOK, seq_len=64, batch_size=4, seed=0)
   with pytest.raises(DataError, match="batch_size: saved 2, now 4"):
     other.set_state(it.get_state())
 
 
 def test_epochs_and_batches_per_epoch():
-  cfg = _cfg(regime="ift", synthetic_docs=60, pack=False)
+  cfg = data_cfg(regime="ift", synthetic_docs=60, pack=False)
   it = make_batch_iterator(cfg, TOK, seq_len=512, batch_size=7, seed=0, num_epochs=2)
   batches = list(it)
   assert len(batches) == 120 // 7 and it.stats["documents"] == 7 * (120 // 7)
@@ -145,7 +137,7 @@ def test_epochs_and_batches_per_epoch():
 
 
 def test_ift_truncation_is_counted(caplog):
-  cfg = _cfg(regime="ift", format="magicoder", synthetic_docs=12, pack=False)
+  cfg = data_cfg(regime="ift", format="magicoder", synthetic_docs=12, pack=False)
   it = make_batch_iterator(cfg, TOK, seq_len=64, batch_size=4, seed=0, num_epochs=1)
   with caplog.at_level("WARNING"):
     list(it)
@@ -154,7 +146,7 @@ def test_ift_truncation_is_counted(caplog):
 
 
 def test_too_little_data_for_one_batch(caplog):
-  it = make_batch_iterator(_cfg(synthetic_docs=2), TOK, seq_len=512, batch_size=8, seed=0)
+  it = make_batch_iterator(data_cfg(synthetic_docs=2), TOK, seq_len=512, batch_size=8, seed=0)
   with caplog.at_level("WARNING"):
     assert it.batches_per_epoch == 0
   assert "fewer than one global batch (8)" in caplog.text
@@ -163,7 +155,7 @@ def test_too_little_data_for_one_batch(caplog):
 
 @pytest.mark.slow  # starting grain worker processes (which import jax) takes seconds
 def test_worker_process_matches_serial_stream_and_resumes():
-  cfg = _cfg(synthetic_docs=40, num_workers=1)
+  cfg = data_cfg(synthetic_docs=40, num_workers=1)
   kw = dict(seq_len=64, batch_size=2, seed=3)
   it = make_batch_iterator(cfg, TOK, **kw)
   try:
@@ -178,12 +170,12 @@ def test_worker_process_matches_serial_stream_and_resumes():
     assert _same(_take(fresh, 3), want)
   finally:
     fresh.close()
-  serial = _take(make_batch_iterator(_cfg(synthetic_docs=40), TOK, **kw), 7)
+  serial = _take(make_batch_iterator(data_cfg(synthetic_docs=40), TOK, **kw), 7)
   assert _same(serial[4:], want)
 
 
 def test_packing_ratio_steps_samples_and_exact_resume():
-  cfg = _cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0)
+  cfg = data_cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0)
   kw = dict(seq_len=512, batch_size=4, seed=5)
   it = make_batch_iterator(cfg, TOK, num_epochs=1, **kw)
   batches = list(it)
@@ -205,16 +197,16 @@ def test_packing_ratio_steps_samples_and_exact_resume():
 
 def test_packing_ratio_is_ift_only():
   with pytest.raises(DataError, match="data.packing_ratio"):
-    make_batch_iterator(_cfg(regime="cpt", packing_ratio=2.0), TOK, seq_len=64, batch_size=2,
+    make_batch_iterator(data_cfg(regime="cpt", packing_ratio=2.0), TOK, seq_len=64, batch_size=2,
                         seed=0)
 
 
 @pytest.mark.slow  # starting grain worker processes (which import jax) takes seconds
 def test_packing_ratio_in_a_worker_process_matches_the_serial_stream_and_resumes():
   kw = dict(seq_len=512, batch_size=4, seed=5)
-  serial = _take(make_batch_iterator(_cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0),
+  serial = _take(make_batch_iterator(data_cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0),
                                      TOK, **kw), 6)
-  cfg = _cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0, num_workers=1)
+  cfg = data_cfg(regime="ift", synthetic_docs=60, packing_ratio=3.0, num_workers=1)
   it = make_batch_iterator(cfg, TOK, **kw)
   try:
     got = _take(it, 3)

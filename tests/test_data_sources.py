@@ -6,13 +6,13 @@ import json
 import pathlib
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 
+from _data_support import data_cfg
+
 from lora_jax.data import DataError, encode_ift_example, load_records, make_batch_iterator
 from lora_jax.data.tokenizers import ByteTokenizer
-from lora_jax.config import default_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 TOK = ByteTokenizer()
@@ -22,14 +22,6 @@ FIELDS = {"magicoder": ("instruction", "response"), "metamath": ("query", "respo
 
 def _rows(name):
   return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line.strip()]
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-  c = default_config().data
-  with c.unlocked():
-    for k, v in kw.items():
-      c[k] = v
-  return c
 
 
 def _write(kind: str, rows, path: pathlib.Path) -> str:
@@ -71,7 +63,7 @@ def _strip(record, fmt):
 def test_round_trip(kind, fmt, tmp_path):
   rows = _rows(f"{fmt}.jsonl")
   path = _write(kind, rows, tmp_path / fmt)
-  ds = load_records(_cfg(source=_source_of(kind), path=path))
+  ds = load_records(data_cfg(source=_source_of(kind), path=path))
   assert len(ds) == len(rows)
   got = [ds[i] for i in range(len(ds))]
   assert [_strip(r, fmt) for r in got] == [_strip(r, fmt) for r in rows]
@@ -88,7 +80,7 @@ def test_glob_list_and_directory(tmp_path):
   b = _write("jsonl.gz", _rows("cpt.jsonl")[4:], tmp_path / "b")
   n = len(_rows("cpt.jsonl"))
   for spec in (f"{a},{b}", str(tmp_path / "*.jsonl*"), str(tmp_path)):
-    ds = load_records(_cfg(source="jsonl", path=spec))
+    ds = load_records(data_cfg(source="jsonl", path=spec))
     assert [ds[i]["text"] for i in range(len(ds))] == [r["text"] for r in _rows("cpt.jsonl")]
   assert len(ds) == n and ds[4]["_where"] == f"{b}:1"
 
@@ -96,7 +88,7 @@ def test_glob_list_and_directory(tmp_path):
 def test_blank_lines_keep_line_numbers(tmp_path):
   p = tmp_path / "x.jsonl"
   p.write_text('\n{"text": "a"}\n  \n\n{"text": "b"}\r\n')
-  ds = load_records(_cfg(source="jsonl", path=str(p)))
+  ds = load_records(data_cfg(source="jsonl", path=str(p)))
   assert [(ds[i]["text"], ds[i]["_where"]) for i in range(2)] == [("a", f"{p}:2"), ("b", f"{p}:5")]
 
 
@@ -134,7 +126,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_tfds_round_trip(tfds_dir):
-  ds = load_records(_cfg(source="tfds", path="lora_jax_tiny_ift", data_dir=str(tfds_dir)))
+  ds = load_records(data_cfg(source="tfds", path="lora_jax_tiny_ift", data_dir=str(tfds_dir)))
   got = [ds[i] for i in range(len(ds))]
   assert got[0]["_where"] == "tfds:lora_jax_tiny_ift[train]:example 1"
   want = sorted(_rows("metamath.jsonl"), key=lambda r: r["query"])
@@ -148,7 +140,7 @@ def test_tfds_round_trip(tfds_dir):
     msgs = [{"role": a, "content": b} for a, b in zip(r["messages"]["role"],
                                                       r["messages"]["content"])]
     assert json.dumps(msgs) in chats
-  it = make_batch_iterator(_cfg(source="tfds", path="lora_jax_tiny_ift", data_dir=str(tfds_dir),
+  it = make_batch_iterator(data_cfg(source="tfds", path="lora_jax_tiny_ift", data_dir=str(tfds_dir),
                                 regime="ift", format="metamath", pack=False),
                            TOK, seq_len=512, batch_size=5, seed=0, num_epochs=1)
   batch = next(it)
@@ -157,18 +149,18 @@ def test_tfds_round_trip(tfds_dir):
 
 def test_tfds_wrong_name_and_split(tfds_dir):
   with pytest.raises(DataError, match=r"^data.path: TFDS dataset 'no_such_dataset_xyz' not found"):
-    load_records(_cfg(source="tfds", path="no_such_dataset_xyz", data_dir=str(tfds_dir)))
+    load_records(data_cfg(source="tfds", path="no_such_dataset_xyz", data_dir=str(tfds_dir)))
   with pytest.raises(DataError, match=r"^data.split: .*'validation'"):
-    load_records(_cfg(source="tfds", path="lora_jax_tiny_ift", split="validation",
+    load_records(data_cfg(source="tfds", path="lora_jax_tiny_ift", split="validation",
                       data_dir=str(tfds_dir)))
   with pytest.raises(DataError, match=r"^data.path: empty"):
-    load_records(_cfg(source="tfds", path=""))
+    load_records(data_cfg(source="tfds", path=""))
 
 
 # ---- bad input: errors name file and line ----
 
 def _first_error(path, **kw):
-  it = make_batch_iterator(_cfg(**{"source": "jsonl", "path": str(path), **kw}), TOK, seq_len=64,
+  it = make_batch_iterator(data_cfg(**{"source": "jsonl", "path": str(path), **kw}), TOK, seq_len=64,
                            batch_size=1, seed=0, num_epochs=1)
   with pytest.raises(DataError) as e:
     list(it)
@@ -197,7 +189,7 @@ def test_bad_ift_lines_name_file_and_line():
 
 def test_empty_and_garbage_files(tmp_path):
   with pytest.raises(DataError, match=f"^{FIXTURES / 'empty.jsonl'}: empty file"):
-    load_records(_cfg(source="jsonl", path=str(FIXTURES / "empty.jsonl")))
+    load_records(data_cfg(source="jsonl", path=str(FIXTURES / "empty.jsonl")))
   junk = bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
   garbage = tmp_path / "garbage.jsonl"
   garbage.write_bytes(b"\xff\xfe" + junk)
@@ -208,7 +200,7 @@ def test_empty_and_garbage_files(tmp_path):
     p = tmp_path / f"junk{suffix}"
     p.write_bytes(junk)
     with pytest.raises(DataError, match=f"^{p}: {match}"):
-      load_records(_cfg(source=source, path=str(p)))
+      load_records(data_cfg(source=source, path=str(p)))
 
 
 def test_bad_records_in_binary_formats_name_row_and_record(tmp_path):
@@ -222,17 +214,17 @@ def test_bad_records_in_binary_formats_name_row_and_record(tmp_path):
 
 def test_config_errors_name_the_key(tmp_path):
   with pytest.raises(DataError, match=r"^data.source: unknown source 'csv'"):
-    load_records(_cfg(source="csv", path="x"))
+    load_records(data_cfg(source="csv", path="x"))
   with pytest.raises(DataError, match=r"^data.path: .*nope.jsonl: no such file"):
-    load_records(_cfg(source="jsonl", path=str(tmp_path / "nope.jsonl")))
+    load_records(data_cfg(source="jsonl", path=str(tmp_path / "nope.jsonl")))
   with pytest.raises(DataError, match=r"^data.path: glob .* matches no files"):
-    load_records(_cfg(source="jsonl", path=str(tmp_path / "*.jsonl")))
+    load_records(data_cfg(source="jsonl", path=str(tmp_path / "*.jsonl")))
   with pytest.raises(DataError, match=r"^data.path: empty"):
-    load_records(_cfg(source="parquet", path=""))
+    load_records(data_cfg(source="parquet", path=""))
   with pytest.raises(DataError, match=r"^data.regime"):
-    make_batch_iterator(_cfg(regime="sft"), TOK, seq_len=8, batch_size=1, seed=0)
+    make_batch_iterator(data_cfg(regime="sft"), TOK, seq_len=8, batch_size=1, seed=0)
   with pytest.raises(DataError, match=r"^data.format"):
-    make_batch_iterator(_cfg(regime="ift", format="alpaca"), TOK, seq_len=8, batch_size=1, seed=0)
+    make_batch_iterator(data_cfg(regime="ift", format="alpaca"), TOK, seq_len=8, batch_size=1, seed=0)
 
 
 def test_skip_malformed_counts(tmp_path):
@@ -245,7 +237,7 @@ def test_skip_malformed_counts(tmp_path):
   garbage.write_bytes(b"\xff\xfe\x80 binary\n")
   # 11 good lines; bad: 1 json, 1 missing, 2 wrong type, 1 empty text, 1 not object, 1 binary;
   # empty.jsonl is skipped as a file (logged, not a record).
-  cfg = _cfg(source="jsonl", path=str(tmp_path / "*.jsonl"), skip_malformed=True, shuffle=False)
+  cfg = data_cfg(source="jsonl", path=str(tmp_path / "*.jsonl"), skip_malformed=True, shuffle=False)
   it = make_batch_iterator(cfg, TOK, seq_len=64, batch_size=1, seed=0, num_epochs=1)
   batches = list(it)
   assert it.stats["documents"] == 11 and it.stats["skipped"] == 7
@@ -256,7 +248,7 @@ def test_skip_malformed_counts(tmp_path):
 
 
 def test_skip_malformed_ift(tmp_path):
-  cfg = _cfg(source="jsonl", path=str(FIXTURES / "bad_ift.jsonl"), regime="ift",
+  cfg = data_cfg(source="jsonl", path=str(FIXTURES / "bad_ift.jsonl"), regime="ift",
              skip_malformed=True, shuffle=False, pack=False)
   it = make_batch_iterator(cfg, TOK, seq_len=512, batch_size=1, seed=0, num_epochs=1)
   assert len(list(it)) == 2 and it.stats["skipped"] == 3 and it.stats["documents"] == 2

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _hf_support import tiny_hf_llama
+
 from lora_jax.config import preset
 from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.generate import (Generator, SamplingConfig, bucket_batch, bucket_length,
@@ -166,15 +168,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
   torch = pytest.importorskip("torch")
 
   from lora_jax.interop.hf import load_hf
-  transformers = pytest.importorskip("transformers")
-  cfg = transformers.LlamaConfig(
-      vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-      rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
-      pad_token_id=None)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  model.save_pretrained(str(tmp_path / "hf"))
+  model = tiny_hf_llama(tmp_path / "hf")
   config, params = load_hf(str(tmp_path / "hf"))
   prompts = [[1] + TOK.encode("def add(a, b):"), [1] + TOK.encode("Q: 2+2?"), [1, 70]]
   ours = Generator(config, params, None, TOK, batch_size=4, eos_ids=()).generate_tokens(

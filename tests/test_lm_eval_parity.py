@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from _hf_support import tiny_hf_llama
+
 from lora_jax.data.tokenizers import load_tokenizer
 from lora_jax.evals.scoring import encode_pair
 
@@ -66,8 +68,6 @@ def test_request_construction_as_lm_eval_documents(tmp_path):
 @pytest.mark.interop
 def test_scores_equal_lm_eval_with_the_same_bos_choice(tmp_path):
   pytest.importorskip("lm_eval")
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   from lm_eval.api.instance import Instance
   from lm_eval.models.huggingface import HFLM
 
@@ -75,12 +75,7 @@ def test_scores_equal_lm_eval_with_the_same_bos_choice(tmp_path):
   from lora_jax.interop.hf import load_hf
 
   path = str(tmp_path / "model")
-  cfg = transformers.LlamaConfig(
-      vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-      rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+  tiny_hf_llama(path, bos_token_id=1, eos_token_id=2)
   byte_bpe_tokenizer(path)  # Llama-2-like: the tokenizer adds BOS
   tok = load_tokenizer(path)
   config, params = load_hf(path)

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from _hf_support import tiny_hf_llama
+
 from lora_jax.config import preset
 from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.evals.scoring import Scorer, encode_pair, split_whitespace
@@ -130,29 +132,14 @@ def test_boundary_merge_counts_in_continuation():
 
 
 # --------------------------------------------------------------------------- interop
-def tiny_hf_llama(tmp_path, seed=0):
-  """A random transformers LlamaForCausalLM (GQA, byte-tokenizer vocab) and its saved dir."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  cfg = transformers.LlamaConfig(
-      vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-      rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=None, eos_token_id=None,
-      pad_token_id=None)
-  torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  path = str(tmp_path / "hf-tiny")
-  model.save_pretrained(path)
-  return model, path
-
-
 @pytest.mark.interop
 def test_choice_loglikelihoods_match_transformers(tmp_path):
   torch = pytest.importorskip("torch")
   from lora_jax.evals import multiple_choice as mc
   from lora_jax.evals.task_data import read_rows
   from lora_jax.interop.hf import load_hf
-  model, path = tiny_hf_llama(tmp_path)
+  path = str(tmp_path / "hf-tiny")
+  model = tiny_hf_llama(path)
   config, params = load_hf(path)
   fix = os.path.join(os.path.dirname(__file__), "fixtures", "evals")
   docs = mc.parse_docs("arc_challenge", read_rows(fix + "/arc_challenge/test.jsonl"))[:2]
