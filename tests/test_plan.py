@@ -1,6 +1,7 @@
 """`lora-jax plan`: slice names, the analytic model's candidates, and ahead-of-time compiles of
 the tiny preset for a v5e:2x2 slice (libtpu, the `tpu` extra; no TPU needed) and for the CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +44,34 @@ def test_every_candidate_is_a_valid_run_config():
                                           "--config.model.hf_path="])
     rc.validate_config(cfg, num_devices=8)
     assert cfg.train.microbatches == c.microbatches
+
+
+def test_estimate_scales_the_loop_body_by_microbatches_and_adds_splash_attention():
+  from types import SimpleNamespace
+
+  from lora_jax.config import preset
+  from lora_jax.plan import compile as pc
+  from lora_jax.plan import memory_model as mm
+  from lora_jax.plan import report, search
+  mc = preset("llama2_7b")
+  shapes = mm.Shapes(model_config=mc, lora_config=None, shapes=None, axes=None, labels=None,
+                     optimizer="lionw", n_total=int(6.74e9), n_matmul=int(6.61e9),
+                     n_trainable=int(6.74e9), n_layer=0, scores=False)
+  chip = topologies.CHIPS["v5p"]
+  tgt = search.Target("v5p-8", [None] * 4, 4, chip.hbm_bytes, chip.peak_bf16_flops,
+                      chip.hbm_bytes_per_s, chip.ici_bytes_per_s, chip.source)
+  cfg = SimpleNamespace(train=SimpleNamespace(global_batch=192, seq_len=4096))
+  body = pc.Compiled("train", 0, 0, 0, 0, 0, flops=1e14, bytes_accessed=1e11,
+                     compile_seconds=0.0, splash_kernels=[])
+  one = report._estimate(body, tgt, cfg, shapes, mm.Candidate("none", 1, (1, 4, 1)))
+  many = report._estimate(body, tgt, cfg, shapes, mm.Candidate("none", 24, (1, 4, 1)))
+  assert many["flops_per_device"] == 24 * one["flops_per_device"] == 24e14
+  assert many["step_seconds"] == pytest.approx(24e14 / chip.peak_bf16_flops)
+  splash = dataclasses.replace(body, splash_kernels=["splash_mha_fwd"])
+  with_attention = report._estimate(splash, tgt, cfg, shapes, mm.Candidate("none", 1, (1, 4, 1)))
+  attention = 192 * 4096 * mm.attention_flops_per_token(shapes, 4096) / 4
+  assert with_attention["flops_per_device"] == pytest.approx(1e14 + attention)
+  assert with_attention["label"].startswith("ESTIMATE")
 
 
 def _plan(tmp_path, config, topology, *overrides, programs="train"):
