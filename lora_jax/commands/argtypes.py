@@ -10,36 +10,30 @@ import argparse
 import os
 
 
+def _number(text: str, cast, ok, expected: str):
+  """`cast(text)` if it parses and satisfies `ok`, else one ArgumentTypeError saying `expected`."""
+  try:
+    value = cast(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+  if not ok(value):
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+  return value
+
+
 def positive_int(text: str) -> int:
   """An integer >= 1 (a count: --limit, --workers, --batch-size ...)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-  return value
+  return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not value >= 0:  # also rejects nan
-    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-  return value
+  """A number >= 0 (nan is rejected: it compares false)."""
+  return _number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def probability(text: str) -> float:
   """A number in (0, 1] (top-p, a variance fraction)."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-  if not 0 < value <= 1:
-    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-  return value
+  return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def int_list(text: str) -> list[int] | None:

@@ -44,6 +44,15 @@ def save_figure(fig, path: str) -> str:
   return path
 
 
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend_cols: int = 1) -> None:
+  """The labels, title, grid and legend every single-axes figure here shares."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=legend_cols)
+
+
 def plot_rank_by_layer(ranks_by_module: Mapping[str, tuple[Sequence[int], Sequence[float]]],
                        path: str, title: str = "Rank needed to explain 90% of the variance of ΔW",
                        ylabel: str = "rank@90% of ΔW", reference_ranks: Sequence[int] = (16, 256),
@@ -67,13 +76,9 @@ def plot_rank_by_layer(ranks_by_module: Mapping[str, tuple[Sequence[int], Sequen
                   color="gray", va="bottom")
   if max_rank:
     ax.axhline(max_rank, color="black", ls=":", lw=0.8)
-  ax.set_xlabel("layer")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylim(bottom=0)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(alpha=0.3)
+  _finish_axes(ax, "layer", ylabel, title, legend_cols=2)
   return save_figure(fig, path) if own else None
 
 
@@ -119,11 +124,7 @@ def plot_pareto(points_by_run: Mapping[str, Sequence[tuple]], path: str, xlabel:
         ax.annotate(str(p[2]), (p[0], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
   if base_point is not None:
     ax.plot([base_point[0]], [base_point[1]], marker="s", color="black", ls="none", label="base")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  _finish_axes(ax, xlabel, ylabel, title)
   return save_figure(fig, path)
 
 
@@ -141,11 +142,7 @@ def plot_learning_curves(curves_by_run: Mapping[str, tuple[Sequence[float], Sequ
     ax.plot(xs, ys, label=run, marker="o" if len(ys) <= 20 else None, markersize=3)
   if logx:
     ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  _finish_axes(ax, xlabel, ylabel, title)
   return save_figure(fig, path)
 
 
@@ -158,12 +155,9 @@ def plot_intruders_by_layer(counts_by_module: Mapping[str, tuple[Sequence[int], 
     color, marker = MODULE_STYLE.get(module, (None, "o"))
     ax.plot(layers, counts, marker=marker, color=color, label=module, markersize=4)
   ax.set_ylim(-0.3, k + 0.3)
-  ax.set_xlabel("layer")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_ylabel(ylabel or f"intruders in top-{k} (ε={eps})")
-  ax.set_title(title or "Intruder dimensions (Shuttleworth et al. 2024)", fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  _finish_axes(ax, "layer", ylabel or f"intruders in top-{k} (ε={eps})",
+               title or "Intruder dimensions (Shuttleworth et al. 2024)", legend_cols=2)
   return save_figure(fig, path)
 
 
