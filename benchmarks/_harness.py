@@ -183,16 +183,6 @@ def load_line(m: dict) -> str:
           f"{a[0]:.1f} at start, {b[0] if isinstance(b[0], str) else f'{b[0]:.1f}'} at end")
 
 
-def versions(*modules: str) -> dict:
-  out = {}
-  for m in modules:
-    try:
-      out[m] = __import__(m).__version__
-    except Exception:  # noqa: BLE001
-      out[m] = None
-  return out
-
-
 # --------------------------------------------------------------------------- torch contenders
 TORCH_STACK = ("torch", "transformers", "peft")  # the `interop` extra
 
