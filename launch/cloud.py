@@ -259,6 +259,25 @@ class Backend:
     raise NotImplementedError
 
 
+MACHINE_ACTIONS = ("up", "create", "setup", "start", "logs", "status", "delete")
+JOB_ACTIONS = ("up", "setup", "start")  # the actions that run the job
+
+
+def machine_action_parsers(prog: str, doc: str):
+  """A launcher's parser and its subparser per machine action, each with the common flags (and
+  the job flags where the action runs the job): (parser, subparsers, {action: subparser})."""
+  parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="action", required=True)
+  actions = {}
+  for action in MACHINE_ACTIONS:
+    actions[action] = p = sub.add_parser(action)
+    add_common_arguments(p)
+    if action in JOB_ACTIONS:
+      add_job_arguments(p)
+  return parser, sub, actions
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--name", required=True, help="machine (and queued resource) name")
   p.add_argument("--zone", required=True)

@@ -84,21 +84,14 @@ def docker_argv(args, job: cloud.Job) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="launch/gpu.py", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="action", required=True)
-  for action in ("up", "create", "setup", "start", "logs", "status", "delete"):
-    p = sub.add_parser(action)
-    cloud.add_common_arguments(p)
+  parser, sub, actions = cloud.machine_action_parsers("launch/gpu.py", __doc__)
+  for p in actions.values():
     p.add_argument("--machine-type", default="a3-highgpu-8g",
                    help="a3-highgpu-8g (8x H100 80GB), a2-ultragpu-8g (8x A100 80GB), ...")
     p.add_argument("--accelerator", default="", help="e.g. type=nvidia-l4,count=1 (n1/g2)")
     p.add_argument("--image-family", default=DEFAULT_IMAGE_FAMILY)
     p.add_argument("--disk-gb", type=int, default=1000, help="boot disk (model, data, cache)")
     p.add_argument("--spot", action="store_true", help="Spot VM (preemptible, cheaper)")
-    if action in ("up", "setup", "start"):
-      cloud.add_job_arguments(p)
   p = sub.add_parser("local", help="run the job here in a JAX GPU container (docker)")
   p.add_argument("--dry-run", action="store_true")
   p.add_argument("--image", default=DEFAULT_IMAGE)

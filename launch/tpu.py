@@ -106,13 +106,8 @@ class Tpu(cloud.Backend):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="launch/tpu.py", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="action", required=True)
-  for action in ("up", "create", "setup", "start", "logs", "status", "delete"):
-    p = sub.add_parser(action)
-    cloud.add_common_arguments(p)
+  parser, _, actions = cloud.machine_action_parsers("launch/tpu.py", __doc__)
+  for action, p in actions.items():
     p.add_argument("--accelerator-type", default="v5p-64",
                    help="e.g. v5p-64 (32 chips), v4-32, v5litepod-16, v6e-16")
     p.add_argument("--version", default="", help="TPU software version (default: by family)")
@@ -120,8 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preemptible", action="store_true", help="legacy preemptible TPU VM")
     p.add_argument("--queued", action="store_true",
                    help="request through a queued resource (waits for capacity)")
-    if action in ("up", "setup", "start"):
-      cloud.add_job_arguments(p)
     if action == "up":
       p.add_argument("--preflight", choices=("compile", "analytic", "off"), default="compile",
                      help="before creating the slice, plan every training run for it "
