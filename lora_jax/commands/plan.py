@@ -5,11 +5,10 @@ without devices, and report memory per device, whether it fits, and a roofline e
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from lora_jax.commands.train import collect_config_overrides
+from lora_jax.fileio import atomic_write_json
 
 HELP = "plan a run for a TPU slice without one: memory per chip, fits or not, estimated speed"
 
@@ -66,8 +65,5 @@ def run(args) -> int:
     return 2
   print(format_text(report))
   if args.json:
-    tmp = f"{args.json}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(tmp, args.json)
+    atomic_write_json(args.json, report)
   return 0 if report["fits"] else 1
