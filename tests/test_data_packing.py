@@ -108,11 +108,13 @@ def test_packer_counts_split_document_once_and_skips():
                ({"ids": np.arange(3, 8, dtype=np.int32), "mask": np.ones(5, np.int32),
                  "truncated": 99}, "s2")])
   packer = Packer(L, 0, "split")
-  rows = []
+  rows, mid_document = [], 0
   while (row := packer.next_row(lambda: next(docs, None))) is not None:
     rows.append(row)
     if packer.cur is not None:
       assert packer.cur_token == "s0" and packer.offset == 16 * len(rows)
+      mid_document += 1
+  assert mid_document == 2  # s0's 37 tokens end inside the third row
   assert [int(r["_documents"]) for r in rows] == [1, 0, 1]
   assert sum(int(r["_skipped"]) for r in rows) == 1
   assert sum(int(r["_truncated"]) for r in rows) == 1

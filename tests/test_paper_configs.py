@@ -248,7 +248,7 @@ def test_dry_run_lists_the_papers_runs(regime, capsys):
                                   "alpha_f": 0.01}
   budgets = sorted({r["plan"].get("tokens") or r["plan"]["epochs"] for r in rows})
   assert budgets == (sorted(CPT_STEPS) if regime.endswith("cpt") else [1, 2, 4, 8, 16])
-  assert len(rows) == 32 if regime.endswith("cpt") else 20
+  assert len(rows) == (32 if regime.endswith("cpt") else 20)
   if regime == "code_ift":
     assert [r["plan"]["steps"] for r in rows if "-full-" in r["name"]][-1] == 3088  # 16 epochs
 
