@@ -86,6 +86,16 @@ def _fs(path):
   return fsspec.core.url_to_fs(os.fspath(path), use_listings_cache=False)
 
 
+def _changed(fs, p: str) -> None:
+  """Clears the listings cache of every other client of `fs`'s kind in this process
+  (etils.epath's, which orbax uses, caches listings): they did not see this change to `p`, nor
+  to what was below it (a removed tree)."""
+  del p  # gcsfs invalidates a path's parents, not its children: clear everything
+  for other in list(getattr(type(fs), "_cache", {}).values()):
+    if other is not fs:
+      other.invalidate_cache()
+
+
 def exists(path) -> bool:
   if not is_remote(path):
     return os.path.exists(path)
@@ -137,6 +147,7 @@ def rmtree(path) -> None:
   fs, p = _fs(path)
   if fs.exists(p):
     fs.rm(p, recursive=True)
+    _changed(fs, p)
 
 
 def remove(path) -> None:
@@ -148,6 +159,7 @@ def remove(path) -> None:
   if not fs.isfile(p):
     raise FileNotFoundError(f"{path}: no such file")
   fs.rm_file(p)
+  _changed(fs, p)
 
 
 def _same_kind(src, dst) -> bool:
@@ -174,6 +186,7 @@ def copy_tree(src, dst, *, last: Sequence[str] = ()) -> None:
 
 def _copy_object(fs, src: str, dst: str) -> None:
   fs.copy(src, dst)  # a server-side copy: `dst` appears complete or not at all
+  _changed(fs, dst)
 
 
 def move(src, dst) -> None:
@@ -340,12 +353,14 @@ def upload_file(local: str, path: str) -> None:
   not at all (a failed upload leaves the previous object)."""
   fs, p = _fs(path)
   fs.put_file(local, p)
+  _changed(fs, p)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
   if is_remote(path):
     fs, p = _fs(path)
     fs.pipe_file(p, bytes(data))  # one request creates the object, complete
+    _changed(fs, p)
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

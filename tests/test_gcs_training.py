@@ -110,6 +110,23 @@ def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_c
   assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in straight.metrics]
 
 
+def test_damaged_newest_checkpoint_on_gs_is_set_aside_and_the_step_redone(gcs_url, fresh_cwd,
+                                                                          caplog):
+  out = fileio.join(gcs_url, "damaged")
+  cfg = tiny_cfg(steps=2, checkpoint_every=1)
+  cfg.output_dir = out
+  train(cfg, data_iter=StandInData(8, 32))
+  fileio.remove(fileio.join(out, "checkpoints", "2", "state", "_METADATA"))
+  result = train(cfg, data_iter=StandInData(8, 32))
+  assert "checkpoint 2 in" in caplog.text and "is unreadable" in caplog.text
+  assert [m["step"] for m in result.metrics if "loss" in m] == [2]  # resumed from 1
+  assert fileio.listdir(fileio.join(out, "checkpoints_unreadable")) == ["2"]
+  assert fileio.exists(fileio.join(out, "checkpoints_unreadable", "2", "commit_success.txt"))
+  assert fileio.checkpoint_steps(fileio.join(out, "checkpoints")) == [1, 2]
+  assert [r["step"] for r in _metrics(out)] == [1, 2]
+  assert list(fresh_cwd.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- lora-jax train in a subprocess
 # The fault tests' run (tests/_fault_support.py: the shipped tiny LoRA config, 12 steps, async
 # checkpoints every 2, the last 3 kept), exporting its PEFT adapter.
