@@ -8,6 +8,7 @@ loss is a sum over rows, so the row order across processes does not matter).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import jax
@@ -91,3 +92,16 @@ class StandInData:
 
   def set_state(self, state):
     self.step = int(state["step"])
+
+
+class SigtermAt(StandInData):
+  """Sends this process SIGTERM while producing batch `at` (0-based)."""
+
+  def __init__(self, *a, at: int, **kw):
+    super().__init__(*a, **kw)
+    self.at = at
+
+  def __next__(self):
+    if self.step == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__next__()

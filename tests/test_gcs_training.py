@@ -16,7 +16,7 @@ import pytest
 
 from _fault_support import (RUN_ARGS, deterministic, env, resumed_step, tail, train_cmd)
 from _gcs_support import GcsEmulator, local_gs_dirs, reset_clients
-from _train_support import StandInData, tiny_cfg
+from _train_support import SigtermAt, StandInData, tiny_cfg
 from lora_jax import fileio
 from lora_jax.train import restore_run, train
 
@@ -78,18 +78,6 @@ def test_full_ft_run_on_gs_exports_hf_as_objects(gcs_url, fresh_cwd, tmp_path):
   assert list(fresh_cwd.iterdir()) == [] and local_gs_dirs(str(tmp_path)) == []
 
 
-class _SigtermAt(StandInData):
-  def __init__(self, *a, at: int, **kw):
-    super().__init__(*a, **kw)
-    self.at = at
-
-  def __next__(self):
-    if self.step == self.at:
-      import signal
-      os.kill(os.getpid(), signal.SIGTERM)
-    return super().__next__()
-
-
 def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_cwd):
   """metrics.jsonl on an object store: rewritten before each checkpoint; rows past the restored
   checkpoint (here step 4, logged after the step-3 save) are dropped on resume."""
@@ -99,7 +87,7 @@ def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_c
   straight_cfg = tiny_cfg(steps=5)
   straight_cfg.output_dir = fileio.join(gcs_url, "straight")
   straight = train(straight_cfg, data_iter=StandInData(8, 32))
-  first = train(cfg, data_iter=_SigtermAt(8, 32, at=3))
+  first = train(cfg, data_iter=SigtermAt(8, 32, at=3))
   assert first.preempted and first.step == 4
   assert fileio.checkpoint_steps(fileio.join(out, "checkpoints")) == [3, 4]
   # a crash after a checkpoint: the step-4 checkpoint goes, metrics keep the step-4 row

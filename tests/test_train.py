@@ -3,7 +3,6 @@ preemption, NaN handling, config checks on resume, exports."""
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ from lora_jax.model import init_params
 from lora_jax.config import preset
 from lora_jax.training import EXIT_PREEMPTED, Trainer, TrainingError, restore_run, train
 
-from _train_support import StandInData, tiny_cfg
+from _train_support import SigtermAt, StandInData, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,26 +99,13 @@ def test_microbatches_equal_one_big_batch(tmp_path, lora):
     np.testing.assert_allclose(_flat(params4)[path], x, rtol=0, atol=1e-6, err_msg=str(path))
 
 
-class _SigtermAt(StandInData):
-  """Sends this process SIGTERM while producing batch `at` (0-based)."""
-
-  def __init__(self, *a, at: int, **kw):
-    super().__init__(*a, **kw)
-    self.at = at
-
-  def __next__(self):
-    if self.step == self.at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return super().__next__()
-
-
 def test_resume_after_preemption_is_bitwise_identical(tmp_path):
   # the straight run also checkpoints every step asynchronously while the next steps donate
   # (overwrite) the state buffers: its step-3 checkpoint must hold the step-3 params exactly
   straight = train(tiny_cfg(tmp_path / "a", steps=6, checkpoint_every=1, keep_checkpoints=6,
                             async_checkpointing=True), data_iter=StandInData(8, 32))
   cfg = tiny_cfg(tmp_path / "b", steps=6)
-  first = train(cfg, data_iter=_SigtermAt(8, 32, at=2))
+  first = train(cfg, data_iter=SigtermAt(8, 32, at=2))
   assert first.preempted and first.exit_code == EXIT_PREEMPTED == 143 and first.step == 3
   assert os.listdir(tmp_path / "b" / "checkpoints") == ["3"]
   second = train(cfg, data_iter=StandInData(8, 32))
