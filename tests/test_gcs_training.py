@@ -98,6 +98,14 @@ def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_c
   assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in straight.metrics]
 
 
+def test_missing_bucket_is_a_clear_error_before_training(gcs_emulator):
+  from lora_jax.training import TrainingError
+  cfg = tiny_cfg(steps=1)
+  cfg.output_dir = "gs://no-such-bucket-lj/run"
+  with pytest.raises(TrainingError, match="output_dir: cannot write to 'gs://no-such-bucket-lj/run'"):
+    train(cfg, data_iter=StandInData(8, 32))
+
+
 def test_damaged_newest_checkpoint_on_gs_is_set_aside_and_the_step_redone(gcs_url, fresh_cwd,
                                                                           caplog):
   out = fileio.join(gcs_url, "damaged")
