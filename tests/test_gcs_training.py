@@ -102,7 +102,7 @@ def test_missing_bucket_is_a_clear_error_before_training(gcs_emulator):
   from lora_jax.training import TrainingError
   cfg = tiny_cfg(steps=1)
   cfg.output_dir = "gs://no-such-bucket-lj/run"
-  with pytest.raises(TrainingError, match="output_dir: cannot write to 'gs://no-such-bucket-lj/run'"):
+  with pytest.raises(TrainingError, match="cannot write to 'gs://no-such-bucket-lj/run'"):
     train(cfg, data_iter=StandInData(8, 32))
 
 
@@ -123,7 +123,7 @@ def test_damaged_newest_checkpoint_on_gs_is_set_aside_and_the_step_redone(gcs_ur
   assert list(fresh_cwd.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- lora-jax train in a subprocess
+# ------------------------------------------------------------------ lora-jax train in a subprocess
 # The fault tests' run (tests/_fault_support.py: the shipped tiny LoRA config, 12 steps, async
 # checkpoints every 2, the last 3 kept), exporting its PEFT adapter.
 GS_RUN_ARGS = (*[a for a in RUN_ARGS if "export" not in a], "--config.train.export=adapter")
