@@ -207,9 +207,13 @@ def checkpoint_steps(directory) -> list[int]:
   """The complete orbax checkpoint steps in `directory`, sorted: locally the step dirs (orbax
   renames a finished temp dir to its step), on an object store the step prefixes holding
   orbax's commit marker (written there last, as there is no rename). [] when there is none."""
-  if not isdir(directory):
+  if not is_remote(directory) and not os.path.isdir(directory):
     return []
-  steps = [int(n) for n in listdir(directory) if n.isdigit()]
+  try:
+    names = listdir(directory)
+  except FileNotFoundError:  # (a storage error is raised, not taken for "no checkpoints")
+    return []
+  steps = [int(n) for n in names if n.isdigit()]
   if is_remote(directory):
     steps = [s for s in steps if exists(join(directory, str(s), ORBAX_COMMIT_MARKER))]
   return sorted(steps)

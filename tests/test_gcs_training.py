@@ -203,6 +203,7 @@ def test_storage_down_mid_save_is_a_clear_error_then_the_run_resumes(straight, t
     assert "FAULT: storage" in down.stderr, tail(down)
     assert down.returncode not in (0, -9), tail(down)
     assert "saving a checkpoint in gs://" in down.stderr and " failed (" in down.stderr, tail(down)
+    assert "the last complete checkpoint is 2 " in down.stderr, tail(down)
     if REPORT:
       with open(REPORT + ".fault.txt", "w") as f:
         f.write(next(ln for ln in down.stderr.splitlines() if "saving a checkpoint in" in ln))

@@ -117,6 +117,7 @@ class _Session:
     self.batches_per_epoch = batches_per_epoch
     self.eval_fn, self.best_mode, self.keep_steps = eval_fn, best_mode, keep_steps
     self.last_saved = start if resumed else -1
+    self.complete: int | None = start if resumed else None  # newest step known committed
     self.tokens_per_step = self.train_cfg.global_batch * self.train_cfg.seq_len
     self.peak = peak_flops_per_device(override=self.train_cfg.peak_flops)
     self.flops_per_token = train_flops_per_token(trainer.model_config, trainer.n_total,
@@ -131,9 +132,14 @@ class _Session:
   def save(self, step: int, best: float | None = None) -> None:
     meta = {**self._position(step), "bad_steps": self.bad_steps,
             "base": self.trainer.base_provenance, "lora": self.trainer.lora_config is not None}
-    with resume.save_errors(self.manager):
+    with resume.save_errors(self.manager, self.complete):
       self.writer.sync()  # first: the metrics object then holds every row up to `step`
       ckpt.save(self.manager, step, self.trainer.state, self.data.get_state(), meta, best=best)
+    # orbax's save first waits for the previous one's commit (raising its error): it is complete
+    if not self.train_cfg.async_checkpointing:
+      self.complete = step
+    elif self.last_saved >= 0:
+      self.complete = self.last_saved
     self.last_saved = step
 
   def handle(self, step: int, metrics) -> None:
@@ -215,8 +221,9 @@ class _Session:
         self.handle(*pending)
       if self.last_saved != self.step:
         self.save(self.step)
-      with resume.save_errors(self.manager):
+      with resume.save_errors(self.manager, self.complete):
         self.manager.wait_until_finished()
+      self.complete = self.last_saved
     if preempted:
       log.warning("preempted: checkpoint of step %d saved in %s; exiting with code %d",
                   self.step, self.manager.directory, EXIT_PREEMPTED)

@@ -136,9 +136,11 @@ def _set_aside(manager, output_dir: str, steps: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def save_errors(manager):
+def save_errors(manager, known_complete: int | None = None):
   """A failed checkpoint write (disk full, a storage error; an async commit's error surfaces at
-  the next save or wait) becomes a TrainingError naming the last complete checkpoint."""
+  the next save or wait) becomes a TrainingError naming the last complete checkpoint: the newest
+  one listed, or, when the storage cannot even be listed (it is down), `known_complete` (the
+  newest this session knows to be committed)."""
   try:
     yield
   except TrainingError:
@@ -148,7 +150,8 @@ def save_errors(manager):
     try:
       last = latest_checkpoint_on_disk(output_dir)
     except Exception as list_error:  # noqa: BLE001 - the storage may be down altogether
-      last = f"unknown (listing failed: {type(list_error).__name__})"
+      last = (f"{known_complete} (known to this session; listing {manager.directory} failed: "
+              f"{type(list_error).__name__})")
     raise TrainingError(
         f"saving a checkpoint in {manager.directory} failed ({type(e).__name__}: {e}); the last "
         f"complete checkpoint is {last}: free space or fix the output_dir (or its storage), "
