@@ -98,6 +98,24 @@ def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_c
   assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in straight.metrics]
 
 
+def test_metrics_jsonl_on_gs_is_written_whole_at_each_sync(gcs_url):
+  from lora_jax.metrics import MetricsWriter
+  path = fileio.join(gcs_url, "metrics.jsonl")
+  w = MetricsWriter(gcs_url, tensorboard=False, progress=False)
+  w.write({"step": 1, "loss": 1.0})
+  assert not fileio.exists(path)  # no append on an object store: rows wait for the sync
+  w.sync()
+  w.write({"step": 2, "loss": float("nan")})
+  w.close()  # the last sync
+  assert fileio.read_text(path) == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": null}\n'
+  fileio.atomic_write_text(path, fileio.read_text(path) + '{"step": 3, "lo')  # a torn line
+  w = MetricsWriter(gcs_url, tensorboard=False, progress=False, initial_step=1)
+  assert fileio.read_text(path) == '{"step": 1, "loss": 1.0}\n'  # resumed from step 1
+  w.write({"step": 2, "loss": 0.5})
+  w.close()
+  assert [r["step"] for r in _metrics(gcs_url)] == [1, 2]
+
+
 def test_missing_bucket_is_a_clear_error_before_training(gcs_emulator):
   from lora_jax.training import TrainingError
   cfg = tiny_cfg(steps=1)
