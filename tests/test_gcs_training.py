@@ -46,7 +46,7 @@ def fresh_cwd(tmp_path, monkeypatch):
 
 def test_lora_run_on_gs_writes_every_file_as_an_object(gcs_url, fresh_cwd, tmp_path):
   out = fileio.join(gcs_url, "run")
-  cfg = tiny_cfg(steps=3, checkpoint_every=2, export="adapter", tensorboard=True)
+  cfg = tiny_cfg(steps=3, checkpoint_every=2, export="all", tensorboard=True)
   cfg.output_dir = out
   result = train(cfg, data_iter=StandInData(8, 32))
   assert result.output_dir == out and result.checkpoint_dir == fileio.join(out, "checkpoints")
@@ -55,10 +55,12 @@ def test_lora_run_on_gs_writes_every_file_as_an_object(gcs_url, fresh_cwd, tmp_p
   assert fileio.read_json(fileio.join(out, "config.json"), "config")["output_dir"] == out
   assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
   assert fileio.checkpoint_steps(fileio.join(out, "checkpoints")) == [2, 3]
+  assert fileio.listdir(fileio.join(out, "export")) == ["adapter", "hf", "native"]
   assert fileio.listdir(fileio.join(out, "export", "adapter")) == [
       "adapter_config.json", "adapter_model.safetensors"]
+  assert fileio.listdir(fileio.join(out, "export", "native")) == ["lora_jax.json", "params"]
   assert [n for n in fileio.listdir(fileio.join(out, "tensorboard")) if "tfevents" in n]
-  assert result.exports == {"adapter": fileio.join(out, "export", "adapter")}
+  assert result.exports == {k: fileio.join(out, "export", k) for k in ("adapter", "hf", "native")}
   assert list(fresh_cwd.iterdir()) == [] and local_gs_dirs(str(tmp_path)) == []
   _, _, params, meta = restore_run(out)  # reads config.json and the checkpoint from the bucket
   assert meta["step"] == 3
