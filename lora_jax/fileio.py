@@ -1,8 +1,24 @@
-"""File I/O shared by every module that writes results: atomic writes and the one JSON encoder.
+"""File I/O for every read and write of run inputs and outputs: local paths and object stores
+(gs://, through fsspec / gcsfs, the layer etils.epath and orbax use), atomic writes, and the one
+JSON encoder.
 
-A file write goes to a temporary file beside the target, is flushed to disk, then renamed over it;
-a directory (an export) is built in a temp dir beside the target, then renamed in. So a reader (or
-a crash) never sees a half-written file or directory, and an existing one is never lost.
+Paths are strings; one with a URL scheme (`gs://bucket/run`) is remote, anything else local.
+Local paths behave as they always did: a file write goes to a temporary file beside the target,
+is flushed to disk, then renamed over it; a directory (an export) is built in a temp dir beside
+the target, then renamed in. So a reader (or a crash) never sees a half-written file or
+directory, and an existing one is never lost.
+
+An object store has no rename, so there a write is "write the final object once": the bytes are
+complete in memory or in a local file before the one upload request that creates the object (a
+resumable upload only makes the object visible when its last chunk lands), so a reader sees the
+old object or the new one, never a part; a failed upload leaves the old object. A directory
+(`atomic_dir`) is built in a LOCAL temp dir and uploaded on success: the old commit files go
+first, then every data file, then stale owned objects, and the commit files (`COMMIT_FILES`:
+config.json, adapter_config.json, lora_jax.json, analysis.json, report.json) last, so a reader
+that finds the commit file finds the data it describes; a failure in the writer uploads nothing.
+A failure mid-upload leaves the directory without its commit file (incomplete, never a mix
+that looks complete); writing it again completes it. `staged_dir` is the same for writers that
+need a local directory (matplotlib, tensorboardX, numpy), without the owned-files checks.
 
 JSON: `jsonable` turns numpy / jax scalars and arrays into Python numbers and lists, tuples into
 lists, keys into strings and bytes into `{"__bytes_b64__": ...}` (which `loads` turns back into
@@ -15,18 +31,201 @@ sign; analysis.json).
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
 _BYTES_TAG = "__bytes_b64__"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# The files whose presence marks a directory export as complete: uploaded last (see above).
+COMMIT_FILES = ("config.json", "adapter_config.json", "lora_jax.json", "analysis.json",
+                "report.json")
+
+
+# --------------------------------------------------------------------------- paths
+def is_remote(path) -> bool:
+  """True for a URL (`gs://bucket/x`, any `scheme://`), False for a local path."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path):
+  """`path` as an etils.epath.Path (gs:// through fsspec, like orbax)."""
+  from etils import epath
+  return epath.Path(os.fspath(path))
+
+
+def join(path, *parts) -> str:
+  """os.path.join for local paths; for a URL, `/`-joined with its `scheme://` kept intact."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return os.path.join(path, *parts)
+  for part in map(os.fspath, parts):
+    path = part if is_remote(part) else path.rstrip("/") + "/" + part.lstrip("/")
+  return path
+
+
+def _fs(path):
+  """(fsspec filesystem, path within it) of a remote path. The listings cache is off: orbax
+  (tensorstore) and other processes write the same bucket, so a cached listing would be stale."""
+  import fsspec
+  return fsspec.core.url_to_fs(os.fspath(path), use_listings_cache=False)
+
+
+def exists(path) -> bool:
+  if not is_remote(path):
+    return os.path.exists(path)
+  fs, p = _fs(path)
+  return fs.exists(p)
+
+
+def isdir(path) -> bool:
+  if not is_remote(path):
+    return os.path.isdir(path)
+  fs, p = _fs(path)
+  return fs.isdir(p)
+
+
+def isfile(path) -> bool:
+  if not is_remote(path):
+    return os.path.isfile(path)
+  fs, p = _fs(path)
+  return fs.isfile(p)
+
+
+def listdir(path) -> list[str]:
+  """The names in directory `path`, sorted; FileNotFoundError naming it when there is none."""
+  if not is_remote(path):
+    return sorted(os.listdir(path))
+  fs, p = _fs(path)
+  p = p.rstrip("/")
+  try:
+    entries = fs.ls(p, detail=False)
+  except FileNotFoundError:
+    entries = []
+  names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != p})
+  if not names and not fs.isdir(p):
+    raise FileNotFoundError(f"{path}: no such directory")
+  return names
+
+
+def makedirs(path) -> None:
+  """os.makedirs(exist_ok=True); a no-op on an object store (directories are name prefixes)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def rmtree(path) -> None:
+  """Removes a directory tree (or a file); a missing one is fine."""
+  if not is_remote(path):
+    _remove(path)
+    return
+  fs, p = _fs(path)
+  if fs.exists(p):
+    fs.rm(p, recursive=True)
+
+
+def remove(path) -> None:
+  """Removes one file (object); FileNotFoundError when missing."""
+  if not is_remote(path):
+    os.unlink(path)
+    return
+  fs, p = _fs(path)
+  if not fs.isfile(p):
+    raise FileNotFoundError(f"{path}: no such file")
+  fs.rm_file(p)
+
+
+def move(src, dst) -> None:
+  """Moves file or tree `src` to a new `dst` (on an object store: copy every object, then
+  delete the originals)."""
+  if not (is_remote(src) or is_remote(dst)):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    shutil.move(src, dst)
+    return
+  if not (is_remote(src) and is_remote(dst)):
+    raise ValueError(f"move({src}, {dst}): both paths must be local or both remote")
+  fs, s = _fs(src)
+  _, d = _fs(dst)
+  s = s.rstrip("/")
+  files = fs.find(s) if fs.isdir(s) else [s]
+  for f in files:
+    fs.copy(f, d.rstrip("/") + f[len(s):])
+  fs.rm(s, recursive=True)
+
+
+# --------------------------------------------------------------------------- reads
+def open(path, mode: str = "r", **kwargs) -> IO:  # noqa: A001 - the builtin, for any path
+  """builtins.open for local paths; remote paths open for reading only (write with the atomic
+  writers: an object store has no append or in-place update)."""
+  if not is_remote(path):
+    return builtins.open(path, mode, **kwargs)
+  if any(c in mode for c in "wax+"):
+    raise ValueError(f"{path}: remote files open for reading only (mode {mode!r}); use "
+                     "fileio.atomic_write_* or atomic_dir / staged_dir")
+  fs, p = _fs(path)
+  if not fs.isfile(p):
+    raise FileNotFoundError(f"{path}: no such file")
+  return fs.open(p, mode, **kwargs)
+
+
+def read_bytes(path) -> bytes:
+  if not is_remote(path):
+    with builtins.open(path, "rb") as f:
+      return f.read()
+  fs, p = _fs(path)
+  if not fs.isfile(p):
+    raise FileNotFoundError(f"{path}: no such file")
+  return fs.cat_file(p)
+
+
+def read_text(path) -> str:
+  return read_bytes(path).decode("utf-8")
+
+
+def _download_tree(path: str, dest: str) -> None:
+  fs, p = _fs(path)
+  p = p.rstrip("/")
+  for f in fs.find(p):
+    rel = f[len(p):].lstrip("/")
+    if not rel:
+      continue
+    local = os.path.join(dest, *rel.split("/"))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fs.get_file(f, local)
+
+
+@contextlib.contextmanager
+def local_copy(path) -> Iterator[str]:
+  """Yields a local path holding `path`: the path itself when local; for a remote file or
+  directory a downloaded copy (same base name, in a temp dir deleted afterwards)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  fs, p = _fs(path)
+  name = p.rstrip("/").rsplit("/", 1)[-1] or "root"
+  tmp = tempfile.mkdtemp(prefix="lora_jax-download-")
+  try:
+    local = os.path.join(tmp, name)
+    if fs.isfile(p):
+      fs.get_file(p, local)
+    elif fs.isdir(p):
+      os.makedirs(local)
+      _download_tree(path, local)
+    else:
+      raise FileNotFoundError(f"{path}: no such file or directory")
+    yield local
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- JSON
@@ -84,11 +283,10 @@ def loads(text: str | bytes) -> Any:
 
 def read_json(path: str, what: str) -> dict:
   """Reads a JSON object; missing file -> FileNotFoundError, bad JSON -> ValueError, both naming it."""
-  if not os.path.isfile(path):
+  if not isfile(path):
     raise FileNotFoundError(f"{path}: {what} not found")
   try:
-    with open(path) as f:
-      obj = json.load(f)
+    obj = json.loads(read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(obj, dict):
@@ -97,7 +295,18 @@ def read_json(path: str, what: str) -> dict:
 
 
 # --------------------------------------------------------------------------- atomic files
+def upload_file(local: str, path: str) -> None:
+  """Copies local file `local` to remote `path` in one upload: the object appears complete or
+  not at all (a failed upload leaves the previous object)."""
+  fs, p = _fs(path)
+  fs.put_file(local, p)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
+  if is_remote(path):
+    fs, p = _fs(path)
+    fs.pipe_file(p, bytes(data))  # one request creates the object, complete
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -126,12 +335,19 @@ def atomic_write_json(path: str, obj: Any, *, indent: int | None = 1, sort_keys:
 # --------------------------------------------------------------------------- atomic directories
 def _foreign_entries(path: str, owned: Sequence[str]) -> list[str] | None:
   """Entries of an existing `path` that match none of the `owned` name patterns (None: no dir)."""
-  if not os.path.lexists(path):
-    return None
-  if not os.path.isdir(path) or os.path.islink(path):
-    raise FileExistsError(f"{path}: exists and is not a directory; refusing to replace it")
-  return sorted(e for e in os.listdir(path)
-                if not any(fnmatch.fnmatchcase(e, pat) for pat in owned))
+  if is_remote(path):
+    if isfile(path):
+      raise FileExistsError(f"{path}: exists and is not a directory; refusing to replace it")
+    if not isdir(path):
+      return None
+    entries = listdir(path)
+  else:
+    if not os.path.lexists(path):
+      return None
+    if not os.path.isdir(path) or os.path.islink(path):
+      raise FileExistsError(f"{path}: exists and is not a directory; refusing to replace it")
+    entries = os.listdir(path)
+  return sorted(e for e in entries if not any(fnmatch.fnmatchcase(e, pat) for pat in owned))
 
 
 def check_replaceable(path: str, owned: Sequence[str], overwrite: bool = False) -> list[str]:
@@ -163,14 +379,22 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str, owned: Sequence[str], *, overwrite: bool = False) -> Iterator[str]:
+def atomic_dir(path: str, owned: Sequence[str], *, overwrite: bool = False,
+               commit: Sequence[str] = COMMIT_FILES) -> Iterator[str]:
   """Yields a temp dir to build an export in; on success it becomes `path`, on error it is deleted.
 
   `owned`: name patterns (fnmatch) of the top-level entries this kind of export writes, e.g.
   ("config.json", "model*.safetensors*"). A missing, empty or own-output `path` is swapped for the
   new dir in one rename (a reader sees the old or the new export, never a mix). A `path` holding
   other files is refused unless `overwrite`; then each new entry is renamed in, stale owned entries
-  are removed, and every foreign file stays where it was."""
+  are removed, and every foreign file stays where it was.
+
+  A remote `path`: the temp dir is local and is uploaded on success, `commit` files last (see
+  the module docstring); the owned / foreign rules are the same."""
+  if is_remote(path):
+    with _remote_atomic_dir(os.fspath(path), owned, overwrite, commit) as tmp:
+      yield tmp
+    return
   path = os.path.abspath(path)
   check_replaceable(path, owned, overwrite)
   parent, name = os.path.split(path)
@@ -213,9 +437,85 @@ def _merge_into(tmp: str, path: str, owned: Sequence[str]) -> None:
   os.rmdir(tmp)
 
 
+def _local_files(root: str) -> list[str]:
+  """Relative `/`-paths of the files under local dir `root`, sorted."""
+  out = []
+  for d, _, files in os.walk(root):
+    rel = os.path.relpath(d, root)
+    out += [f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in files]
+  return sorted(out)
+
+
+def upload_tree(local: str, path: str, *, last: Sequence[str] = ()) -> None:
+  """Uploads every file under local dir `local` to remote dir `path`, each object once and
+  complete; the top-level files named in `last` after all the others."""
+  files = _local_files(local)
+  for rel in sorted(files, key=lambda f: f in last):
+    upload_file(os.path.join(local, *rel.split("/")), join(path, rel))
+
+
+@contextlib.contextmanager
+def _remote_atomic_dir(path: str, owned: Sequence[str], overwrite: bool,
+                       commit: Sequence[str]) -> Iterator[str]:
+  check_replaceable(path, owned, overwrite)
+  tmp = tempfile.mkdtemp(prefix="lora_jax-export-")
+  try:
+    yield tmp
+    check_replaceable(path, owned, overwrite)
+    new = set(os.listdir(tmp))
+    old = set(listdir(path)) if isdir(path) else set()
+    for entry in sorted(old & set(commit)):  # first: the old export stops looking complete
+      rmtree(join(path, entry))
+    for entry in sorted(old & new):
+      if os.path.isdir(os.path.join(tmp, entry)):  # a whole new tree: no stale objects in it
+        rmtree(join(path, entry))
+    upload_tree(tmp, path, last=commit)
+    for entry in sorted(old - new):
+      if any(fnmatch.fnmatchcase(entry, pat) for pat in owned):
+        rmtree(join(path, entry))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Staging:
+  """A local directory standing in for `path`: `upload()` copies its files to `path` (each
+  object written once, complete); for a local `path`, `local` is `path` itself."""
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+    self.remote = is_remote(self.path)
+    if self.remote:
+      self.local = tempfile.mkdtemp(prefix="lora_jax-staging-")
+    else:
+      self.local = self.path
+      os.makedirs(self.local, exist_ok=True)
+
+  def upload(self) -> None:
+    if self.remote:
+      upload_tree(self.local, self.path)
+
+  def close(self) -> None:
+    """Deletes the local stand-in of a remote `path` (without uploading)."""
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path) -> Iterator[str]:
+  """Yields a local directory for writers that need one (matplotlib, tensorboardX, numpy): `path`
+  itself when local; for a remote `path` a temp dir whose files are uploaded to `path` when the
+  block ends without error (each object once, complete), then deleted."""
+  staging = Staging(path)
+  try:
+    yield staging.local
+    staging.upload()
+  finally:
+    staging.close()
+
+
 def write_json(path: str, obj: Any) -> None:
   """A JSON file inside a directory being built by `atomic_dir` (so not itself atomic)."""
-  with open(path, "w") as f:
+  with builtins.open(path, "w") as f:
     f.write(dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
