@@ -189,7 +189,8 @@ def load_model(path: str, adapter: str | None = None,
     base = read_json(file, "PEFT adapter config").get("base_model_name_or_path")
     base = base and (str(base) if fileio.is_remote(str(base)) else os.path.expanduser(str(base)))
     if not base or not fileio.isdir(base):
-      raise ValueError(f"{file}: base_model_name_or_path={base!r} is not a directory; "
+      raise ValueError(f"{file}: base_model_name_or_path={base!r} is not a local directory "
+                       "or a gs:// one; "
                        f"pass the base explicitly: load_model(BASE_DIR, adapter={path!r})")
     return load_model(base, adapter=path, dtype=dtype)
   if kind == "hf":
