@@ -82,7 +82,7 @@ def _curves(runs, out, x_axis, target, lines) -> None:
   lines.append("## Learning curves\n")
   if loss:
     n = max(len(v[0]) for v in loss.values())
-    plots.plot_learning_curves(loss, os.path.join(out, FIG_DIR, "loss.png"), xlabel=xlabel,
+    plots.plot_learning_curves(loss, fileio.join(out, FIG_DIR, "loss.png"), xlabel=xlabel,
                                ylabel="training loss", title="Training loss",
                                smooth=max(1, n // 50))
     _figure(lines, f"{FIG_DIR}/loss.png", f"Training loss against {xlabel}.")
@@ -94,7 +94,7 @@ def _curves(runs, out, x_axis, target, lines) -> None:
     curves = {r.label: r.eval_curve(task, x_axis) for r in runs}
     curves = {k: v for k, v in curves.items() if v[0]}
     if curves:
-      plots.plot_learning_curves(curves, os.path.join(out, FIG_DIR, name), xlabel=xlabel,
+      plots.plot_learning_curves(curves, fileio.join(out, FIG_DIR, name), xlabel=xlabel,
                                  ylabel=task, title=title)
       _figure(lines, f"{FIG_DIR}/{name}", f"{title} against {xlabel}.")
   if len(lines) == 1:
@@ -113,7 +113,7 @@ def _pareto(runs, out, x_axis, target, lines) -> None:
     lines.append(f"No checkpoint has both `{target}` and a forgetting score "
                  f"(mean of {', '.join(FORGETTING_TASKS)}).\n")
     return
-  plots.plot_pareto(points, os.path.join(out, FIG_DIR, "pareto.png"),
+  plots.plot_pareto(points, fileio.join(out, FIG_DIR, "pareto.png"),
                     xlabel="forgetting score (higher = less forgetting)",
                     ylabel=f"{target} (learning)",
                     title=f"Learning ({target}) vs forgetting, one point per checkpoint")
@@ -144,7 +144,7 @@ def _spectral(runs, out, random_n, random_seed, module, lines) -> None:
     plots.plot_rank_by_layer(r.analysis.rank_by_layer("delta"), None, title=r.label,
                              ylabel=f"rank@{p:.0%} of ΔW", ax=ax)
   fig.suptitle(f"Rank needed to explain {p:.0%} of the variance of ΔW, by layer", fontsize=10)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "rank_by_layer.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "rank_by_layer.png"))
   _figure(lines, f"{FIG_DIR}/rank_by_layer.png",
           f"rank@{p:.0%} of ΔW = W_ft − W_base per layer, one line per module type; dashed lines "
           "mark typical LoRA ranks.")
@@ -184,7 +184,7 @@ def _spectral(runs, out, random_n, random_seed, module, lines) -> None:
       if layer in ls:
         curves[f"ΔW {r.label}"] = r.analysis.spectra[f"{module}.delta"][ls.index(layer)]
     curves[f"random {rb['shape'][0]}×{rb['shape'][1]}"] = rand_s
-    plots.plot_spectra(curves, os.path.join(out, FIG_DIR, "spectra.png"),
+    plots.plot_spectra(curves, fileio.join(out, FIG_DIR, "spectra.png"),
                        title=f"Spectra of layer {layer} {module}", variance=p)
     _figure(lines, f"{FIG_DIR}/spectra.png",
             "Left: singular values normalized by the largest, against the normalized index. "
@@ -206,7 +206,7 @@ def _spectral(runs, out, random_n, random_seed, module, lines) -> None:
         per_layer[row["layer"]] = per_layer.get(row["layer"], 0) + int(row["intruders"])
       ls = sorted(per_layer)
       counts[r.label] = (ls, [per_layer[l] for l in ls])
-    plots.plot_intruders_by_layer(counts, os.path.join(out, FIG_DIR, "intruders.png"),
+    plots.plot_intruders_by_layer(counts, fileio.join(out, FIG_DIR, "intruders.png"),
                                   k=cfg["k"] * len(modules), eps=cfg["eps"],
                                   title="Intruder dimensions per layer (all modules)",
                                   ylabel=f"intruders (top-{cfg['k']} of each of {len(modules)} "
@@ -279,8 +279,8 @@ def write_report(runs: Sequence[str | Run], out_dir: str, *, target: str | None 
             "- effective rank (in analysis.json): exp(entropy of σ / Σσ) (Roy & Vetterli 2007).",
             "- ΔW of a LoRA run is s·A·B; its singular values come from the factors exactly.",
             "- Forgetting score: mean accuracy on HellaSwag, ARC-Challenge and WinoGrande.", ""]
-  report = os.path.join(out_dir, REPORT_FILE)
+  report = fileio.join(out_dir, REPORT_FILE)
   atomic_write_text(report, "\n".join(lines))
-  figures = [os.path.join(out_dir, rel) for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)",
+  figures = [fileio.join(out_dir, rel) for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)",
                                                              "\n".join(lines))]
   return {"report": report, "figures": figures, "target": target, "x_axis": x_axis}
