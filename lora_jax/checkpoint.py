@@ -1,6 +1,8 @@
 """Training checkpoints (orbax CheckpointManager), the run's config.json, and base fingerprints.
 
-Layout of `output_dir`:
+Layout of `output_dir` (a local directory or a gs:// prefix: orbax writes either through
+etils.epath and tensorstore; on an object store a step is complete once orbax's
+commit_success.txt is in it):
 
   config.json                  the run config (checked on resume; a different one is refused)
   checkpoints/<step>/state     TrainState: step, trainable params (LoRA leaves only for LoRA runs),
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from typing import Any
 
 import jax
@@ -133,7 +134,7 @@ def make_manager(output_dir: str, *, keep: int, async_save: bool = True,
       enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
               "meta": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(output_dir, CHECKPOINT_DIR)),
+  return ocp.CheckpointManager(fileio.abspath(fileio.join(output_dir, CHECKPOINT_DIR)),
                                item_names=tuple(handlers), item_handlers=handlers,
                                options=options)
 

@@ -73,6 +73,12 @@ def join(path, *parts) -> str:
   return path
 
 
+def abspath(path) -> str:
+  """os.path.abspath for local paths; a URL as it is."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
 def _fs(path):
   """(fsspec filesystem, path within it) of a remote path. The listings cache is off: orbax
   (tensorstore) and other processes write the same bucket, so a cached listing would be stale."""
@@ -144,22 +150,52 @@ def remove(path) -> None:
   fs.rm_file(p)
 
 
+def _same_kind(src, dst) -> bool:
+  """True when both paths are remote; ValueError when one is local and the other remote."""
+  if is_remote(src) != is_remote(dst):
+    raise ValueError(f"({src}, {dst}): both paths must be local or both remote")
+  return is_remote(src)
+
+
+def copy_tree(src, dst, *, last: Sequence[str] = ()) -> None:
+  """Copies file or tree `src` to `dst`; on an object store object by object, the files named
+  in `last` (base names, e.g. orbax's commit marker) after all others, so an interrupted copy
+  never looks complete."""
+  if not _same_kind(src, dst):
+    shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy2(src, dst)
+    return
+  fs, s = _fs(src)
+  _, d = _fs(dst)
+  s, d = s.rstrip("/"), d.rstrip("/")
+  files = fs.find(s) if fs.isdir(s) else [s]
+  for f in sorted(files, key=lambda f: f.rsplit("/", 1)[-1] in last):
+    fs.copy(f, d + f[len(s):])
+
+
 def move(src, dst) -> None:
   """Moves file or tree `src` to a new `dst` (on an object store: copy every object, then
   delete the originals)."""
-  if not (is_remote(src) or is_remote(dst)):
+  if not _same_kind(src, dst):
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.move(src, dst)
     return
-  if not (is_remote(src) and is_remote(dst)):
-    raise ValueError(f"move({src}, {dst}): both paths must be local or both remote")
-  fs, s = _fs(src)
-  _, d = _fs(dst)
-  s = s.rstrip("/")
-  files = fs.find(s) if fs.isdir(s) else [s]
-  for f in files:
-    fs.copy(f, d.rstrip("/") + f[len(s):])
-  fs.rm(s, recursive=True)
+  copy_tree(src, dst)
+  rmtree(src)
+
+
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # orbax: the last object of a step on an object store
+
+
+def checkpoint_steps(directory) -> list[int]:
+  """The complete orbax checkpoint steps in `directory`, sorted: locally the step dirs (orbax
+  renames a finished temp dir to its step), on an object store the step prefixes holding
+  orbax's commit marker (written there last, as there is no rename). [] when there is none."""
+  if not isdir(directory):
+    return []
+  steps = [int(n) for n in listdir(directory) if n.isdigit()]
+  if is_remote(directory):
+    steps = [s for s in steps if exists(join(directory, str(s), ORBAX_COMMIT_MARKER))]
+  return sorted(steps)
 
 
 # --------------------------------------------------------------------------- reads

@@ -11,14 +11,16 @@ stream) or non-finite (a skipped NaN step's loss) are null.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import sys
 from typing import Any
 
 import jax
 
 from lora_jax import fileio
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -73,26 +75,49 @@ def device_memory_bytes() -> int | None:
   return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
+def _rows_up_to(text: str, step: int) -> list[str]:
+  """The lines of metrics.jsonl `text` of steps <= `step`, each ending in a newline; a line that
+  is not JSON (the torn last line of a crash) is dropped."""
+  keep = []
+  for ln in (ln for ln in text.splitlines(keepends=True) if ln.strip()):
+    try:
+      if json.loads(ln).get("step", 0) <= step:
+        keep.append(ln if ln.endswith("\n") else ln + "\n")
+    except json.JSONDecodeError:
+      continue
+  return keep
+
+
 class MetricsWriter:
   """Appends metric records to metrics.jsonl and TensorBoard; a tqdm bar when stdout is a TTY.
 
   Only process 0 writes (`enabled`). On resume, `truncate_after(step)` drops lines of steps that
   will be re-run, so the file holds each step once.
+
+  On an object store (no append) the rows are kept in memory and `sync()` rewrites the whole
+  object, written once and complete; the training loop syncs before each checkpoint save, so the
+  object holds every row up to the newest checkpoint, and rows past the checkpoint a resumed run
+  restores are dropped by `truncate_after`: none lost, none twice. TensorBoard events are
+  written to a local staging dir, uploaded at each sync.
   """
 
   def __init__(self, output_dir: str, *, enabled: bool = True, tensorboard: bool = True,
                total_steps: int = 0, initial_step: int = 0, progress: bool | None = None):
     self.enabled = enabled
-    self.path = os.path.join(output_dir, METRICS_FILE)
+    self.path = fileio.join(output_dir, METRICS_FILE)
+    self.remote = fileio.is_remote(output_dir)
     self.history: list[dict] = []
-    self._tb = self._bar = None
+    self._rows: list[str] = []  # remote: the object's lines (local: appended to the file)
+    self._dirty = False
+    self._tb = self._bar = self._tb_staging = None
     if not enabled:
       return
-    os.makedirs(output_dir, exist_ok=True)
+    fileio.makedirs(output_dir)
     self.truncate_after(initial_step)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+      self._tb_staging = fileio.Staging(fileio.join(output_dir, "tensorboard"))
+      self._tb = SummaryWriter(self._tb_staging.local)
     if progress is None:
       progress = sys.stdout.isatty()
     if progress:
@@ -100,27 +125,27 @@ class MetricsWriter:
       self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="step")
 
   def truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not fileio.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [ln for ln in f if ln.strip()]
-    keep = []
-    for ln in lines:
-      try:
-        if json.loads(ln).get("step", 0) <= step:
-          keep.append(ln if ln.endswith("\n") else ln + "\n")
-      except json.JSONDecodeError:
-        continue  # a torn last line from a crash
-    if len(keep) != len(lines):
+    text = fileio.read_text(self.path)
+    keep = _rows_up_to(text, step)
+    if self.remote:
+      self._rows = keep
+    if len(keep) != len([ln for ln in text.splitlines() if ln.strip()]):
       fileio.atomic_write_text(self.path, "".join(keep))
 
   def write(self, record: dict[str, Any]) -> None:
     self.history.append(record)
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(fileio.dumps(record, nonfinite="null") + "\n")
-      f.flush()
+    line = fileio.dumps(record, nonfinite="null") + "\n"
+    if self.remote:
+      self._rows.append(line)
+      self._dirty = True
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
+        f.flush()
     step = record.get("step", 0)
     if self._tb is not None:
       for k, v in record.items():
@@ -136,13 +161,33 @@ class MetricsWriter:
     if self._bar is not None and "loss" in record:
       self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('lr', 0):.2e}")
 
+  def sync(self) -> None:
+    """On an object store: rewrites metrics.jsonl with every row so far and uploads the
+    TensorBoard events (a no-op for local files, which are appended and flushed as written)."""
+    if not (self.enabled and self.remote):
+      return
+    if self._dirty:
+      fileio.atomic_write_text(self.path, "".join(self._rows))
+      self._dirty = False
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb_staging.upload()
+
   def advance(self) -> None:
     """One more step on the progress bar."""
     if self._bar is not None:
       self._bar.update(1)
 
   def close(self) -> None:
+    """Closes the bar and TensorBoard; on an object store a last `sync()` (a failure is logged:
+    the rows it would add are past the last checkpoint, which a resumed run re-runs)."""
     if self._bar is not None:
       self._bar.close()
+    try:
+      self.sync()
+    except Exception as e:  # noqa: BLE001 - the storage may be what stopped the run
+      log.warning("could not write %s: %s: %s", self.path, type(e).__name__, e)
     if self._tb is not None:
       self._tb.close()
+    if self._tb_staging is not None:
+      self._tb_staging.close()

@@ -1,5 +1,5 @@
 """A local GCS for tests: the gcp-storage-emulator (the GCS JSON API on 127.0.0.1) in a
-subprocess, with every client pointed at it.
+subprocess (started through tests/_gcs_emulator.py), with every client pointed at it.
 
 `GcsEmulator(root)` stores its objects on disk under `root` (so `stop()` then `start()` keeps
 them: the network-fault tests kill it mid-save). `env()` is what a process needs to talk to it:
@@ -20,7 +20,8 @@ import time
 import uuid
 
 BUCKET = "lora-jax-test"  # GCS bucket names need 3+ characters (tensorstore checks)
-_EXE = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+# The emulator's command line, with the download header tensorstore needs (see that file).
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gcs_emulator.py")
 
 
 def free_port() -> int:
@@ -50,9 +51,8 @@ class GcsEmulator:
     return "gs://" + "/".join([self.bucket, *(parts or (uuid.uuid4().hex[:12],))])
 
   def start(self, timeout: float = 30.0) -> "GcsEmulator":
-    exe = _EXE if os.path.exists(_EXE) else "gcp-storage-emulator"
     self.proc = subprocess.Popen(
-        [exe, "start", "--host", "127.0.0.1", "--port", str(self.port),
+        [sys.executable, _LAUNCHER, "start", "--host", "127.0.0.1", "--port", str(self.port),
          "--default-bucket", self.bucket, "-q"],
         cwd=self.root, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.root, "log"), "a"),
         start_new_session=True)

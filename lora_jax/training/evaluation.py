@@ -10,10 +10,10 @@ results under output_dir/eval/step_<N>/.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable
 
 from lora_jax import config as rc
+from lora_jax import fileio
 from lora_jax.training.setup import open_tokenizer
 
 EvalFn = Callable[[int, dict], dict]
@@ -39,7 +39,7 @@ def eval_fn_from_config(cfg) -> EvalFn | None:
 
   def eval_fn(step, params):
     results = run_evals(model_config, params, lora, tokenizer, tasks, options,
-                        out_dir=os.path.join(cfg.output_dir, "eval", f"step_{step}"), step=step,
+                        out_dir=fileio.join(cfg.output_dir, "eval", f"step_{step}"), step=step,
                         log=log)
     out: dict = {}
     for e in results["results"]:

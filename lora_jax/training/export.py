@@ -7,14 +7,13 @@ Export kinds under output_dir/export/: `adapter/` (PEFT, LoRA runs), `hf/` (HF d
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 
 from lora_jax import checkpoint as ckpt
 from lora_jax import config as rc
+from lora_jax import fileio
 from lora_jax import sharding
 from lora_jax.config import LlamaConfig
 from lora_jax.lora import combine_params
@@ -45,20 +44,20 @@ def export(trainer: Trainer, output_dir: str, mode: str) -> dict[str, str]:
   lora = trainer.lora_config
   kinds = _kinds(mode, trainer)
   out: dict[str, str] = {}
-  root = os.path.join(output_dir, "export")
+  root = fileio.join(output_dir, "export")
   base_name = trainer.cfg.model.hf_path or trainer.cfg.model.preset
   if "adapter" in kinds:
     from lora_jax.interop.peft import save_peft
     host = sharding.gather_to_host(trainer.state.trainable)
     tree = combine_params(host, trainer.frozen_shapes)  # kernels only need their shapes
-    path = os.path.join(root, "adapter")
+    path = fileio.join(root, "adapter")
     if jax.process_index() == 0:
       save_peft(path, trainer.model_config, lora, tree, base_model_name_or_path=base_name)
     out["adapter"] = path
   if "hf" in kinds:
     from lora_jax.interop.hf import save_hf
     host = sharding.gather_to_host(trainer.params())
-    path = os.path.join(root, "hf")
+    path = fileio.join(root, "hf")
     if jax.process_index() == 0:
       save_hf(path, trainer.model_config, host, lora_config=lora)
     out["hf"] = path
@@ -66,12 +65,12 @@ def export(trainer: Trainer, output_dir: str, mode: str) -> dict[str, str]:
   if "native" in kinds:
     from lora_jax.interop.native import save_checkpoint
     host = sharding.gather_to_host(trainer.params())
-    path = os.path.join(root, "native")
+    path = fileio.join(root, "native")
     if jax.process_index() == 0:
       step = int(jax.device_get(trainer.state.step))
       save_checkpoint(path, trainer.model_config, host, lora, metadata={
           "step": step, "tokens": step * trainer.cfg.train.global_batch * trainer.cfg.train.seq_len,
-          "base": trainer.base_provenance, "run": os.path.abspath(output_dir)})
+          "base": trainer.base_provenance, "run": fileio.abspath(output_dir)})
     out["native"] = path
     del host
   if jax.process_count() > 1:
@@ -86,8 +85,7 @@ def restore_run(output_dir: str, step: int | None = None, *, base_params: Any = 
   latest, or `step`): the frozen base is rebuilt from the run's provenance (preset init, HF dir
   or `base_params`) and checked against the saved fingerprint. Loads on the current devices
   whatever mesh the run used."""
-  with open(os.path.join(output_dir, ckpt.CONFIG_FILE)) as f:
-    cfg = rc.from_dict(json.load(f))
+  cfg = rc.from_dict(fileio.read_json(fileio.join(output_dir, ckpt.CONFIG_FILE), "run config"))
   trainer = Trainer(cfg, total_steps=1, mesh=sharding.make_mesh(None))
   manager = ckpt.make_manager(output_dir, keep=max(cfg.train.keep_checkpoints, 1),
                               async_save=False)

@@ -11,6 +11,9 @@ Order of work (every check that can fail does so before anything expensive):
   5. steps: metrics every train.log_every, the eval every train.eval_every, checkpoints every
      train.checkpoint_every and at the end; exports (PEFT adapter / HF dir) at the end.
 
+output_dir may be local or on an object store (gs://): every access goes through lora_jax.fileio
+(orbax through etils.epath); see README "Cloud storage (gs://)".
+
 Faults: SIGTERM saves a checkpoint and returns `exit_code=EXIT_PREEMPTED` (143); a NaN/Inf loss
 or gradient skips that update (params unchanged) up to train.max_bad_steps times, then raises
 `TrainingError` naming the step (no checkpoint is written past the last good one). A failed
@@ -129,6 +132,7 @@ class _Session:
     meta = {**self._position(step), "bad_steps": self.bad_steps,
             "base": self.trainer.base_provenance, "lora": self.trainer.lora_config is not None}
     with resume.save_errors(self.manager):
+      self.writer.sync()  # first: the metrics object then holds every row up to `step`
       ckpt.save(self.manager, step, self.trainer.state, self.data.get_state(), meta, best=best)
     self.last_saved = step
 
@@ -233,7 +237,7 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: EvalFn | None = None,
   rc.validate_config(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
   if eval_fn is None:
     eval_fn = eval_fn_from_config(cfg)
-  train_cfg, out_dir = cfg.train, os.path.abspath(cfg.output_dir)
+  train_cfg, out_dir = cfg.train, fileio.abspath(cfg.output_dir)
   is_main = jax.process_index() == 0
   resume.check_resume_config(cfg, out_dir, force)
   resume.check_output_dir(out_dir, 0)
@@ -243,7 +247,7 @@ def train(cfg: ml_collections.ConfigDict, *, eval_fn: EvalFn | None = None,
   trainer = Trainer(cfg, total_steps=total)
   resume.check_output_dir(out_dir, trainer.checkpoint_bytes)
   if is_main:
-    fileio.atomic_write_text(os.path.join(out_dir, ckpt.CONFIG_FILE), ckpt.dumps(rc.to_dict(cfg)))
+    fileio.atomic_write_text(fileio.join(out_dir, ckpt.CONFIG_FILE), ckpt.dumps(rc.to_dict(cfg)))
 
   best_mode = cfg.eval.best_mode if eval_fn is not None and train_cfg.eval_every else None
   keep_steps = set(rc.keep_steps(cfg))

@@ -12,7 +12,6 @@ from the newest checkpoint that restores, and the checks that a checkpoint belon
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import jax
 
 from lora_jax import checkpoint as ckpt
 from lora_jax import config as rc
+from lora_jax import fileio
 from lora_jax.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,17 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 def check_output_dir(path: str, needed_bytes: int) -> None:
-  """Raises TrainingError if output_dir cannot be created/written or lacks free space."""
+  """Raises TrainingError if output_dir cannot be created/written or lacks free space (an
+  object store: a probe object is written and removed; it has no free-space limit to check)."""
+  if fileio.is_remote(path):
+    probe = fileio.join(path, f".write-probe-{os.getpid()}-{jax.process_index()}")
+    try:
+      fileio.atomic_write_bytes(probe, b"ok")
+      fileio.remove(probe)
+    except Exception as e:  # noqa: BLE001 - gcsfs raises OSError, HttpError, auth errors
+      raise TrainingError(f"output_dir: cannot write to {path!r}: {type(e).__name__}: {e}"
+                          ) from None
+    return
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write-probe-{os.getpid()}-{jax.process_index()}")
@@ -46,19 +56,17 @@ def check_output_dir(path: str, needed_bytes: int) -> None:
 
 
 def latest_checkpoint_on_disk(output_dir: str) -> int | None:
-  """The newest committed checkpoint step (a directory listing: no orbax manager needed)."""
-  d = os.path.join(output_dir, ckpt.CHECKPOINT_DIR)
-  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-  return max(steps) if steps else None
+  """The newest committed checkpoint step (a listing: no orbax manager needed)."""
+  steps = fileio.checkpoint_steps(fileio.join(output_dir, ckpt.CHECKPOINT_DIR))
+  return steps[-1] if steps else None
 
 
 def check_resume_config(cfg, output_dir: str, force: bool) -> None:
   """Refuses to resume a run whose saved config.json differs (listing the keys) unless force."""
-  path = os.path.join(output_dir, ckpt.CONFIG_FILE)
-  if latest_checkpoint_on_disk(output_dir) is None or not os.path.exists(path):
+  path = fileio.join(output_dir, ckpt.CONFIG_FILE)
+  if latest_checkpoint_on_disk(output_dir) is None or not fileio.exists(path):
     return
-  with open(path) as f:
-    old = rc.from_dict(json.load(f))
+  old = rc.from_dict(fileio.read_json(path, "run config"))
   changes = rc.diff(old, cfg)
   if changes and not force:
     lines = "\n".join(f"  {k}: {a!r} (saved) -> {b!r} (now)" for k, a, b in changes)
@@ -113,13 +121,13 @@ def restore_newest(manager, abstract_state, output_dir: str):
 def _set_aside(manager, output_dir: str, steps: list[int]) -> None:
   """Moves checkpoint dirs `steps` to output_dir/checkpoints_unreadable/<step>[-<time>]."""
   if jax.process_index() == 0:
-    root = os.path.join(output_dir, UNREADABLE_DIR)
-    os.makedirs(root, exist_ok=True)
+    root = fileio.join(output_dir, UNREADABLE_DIR)
+    fileio.makedirs(root)
     for s in steps:
-      dest = os.path.join(root, str(s))
-      if os.path.exists(dest):
+      dest = fileio.join(root, str(s))
+      if fileio.exists(dest):
         dest += time.strftime("-%Y%m%dT%H%M%S")
-      shutil.move(os.path.join(str(manager.directory), str(s)), dest)
+      fileio.move(fileio.join(str(manager.directory), str(s)), dest)
       log.warning("moved unreadable checkpoint %d to %s", s, dest)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -136,8 +144,12 @@ def save_errors(manager):
   except TrainingError:
     raise
   except Exception as e:  # noqa: BLE001 - orbax re-raises the writer's error as is
-    output_dir = os.path.dirname(str(manager.directory))
+    output_dir = str(manager.directory).rstrip("/").rsplit("/", 1)[0]
+    try:
+      last = latest_checkpoint_on_disk(output_dir)
+    except Exception as list_error:  # noqa: BLE001 - the storage may be down altogether
+      last = f"unknown (listing failed: {type(list_error).__name__})"
     raise TrainingError(
         f"saving a checkpoint in {manager.directory} failed ({type(e).__name__}: {e}); the last "
-        f"complete checkpoint is {latest_checkpoint_on_disk(output_dir)}: free space or fix the "
-        "output_dir, then run again to resume from it") from e
+        f"complete checkpoint is {last}: free space or fix the output_dir (or its storage), "
+        "then run again to resume from it") from e

@@ -13,7 +13,6 @@ Benchmarks: `t = Trainer(cfg, total_steps=n); t.init_state(); metrics = t.step(h
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 
 from lora_jax import checkpoint as ckpt
 from lora_jax import config as rc
+from lora_jax import fileio
 from lora_jax import sharding
 from lora_jax.config import LlamaConfig, model_config_from
 from lora_jax.lora import (add_lora, combine_params, count_params, split_params, tree_bytes,
@@ -139,7 +139,7 @@ class Trainer:
           build, out_shardings=out_shardings, donate_argnums=0)(base, lora_key, rng)
     self.base_provenance = {
         "source": source, "preset": "" if cfg.model.hf_path else cfg.model.preset,
-        "hf_path": os.path.abspath(cfg.model.hf_path) if cfg.model.hf_path else "",
+        "hf_path": fileio.abspath(cfg.model.hf_path) if cfg.model.hf_path else "",
         "overrides": dict(cfg.model.overrides.to_dict()), "seed": cfg.seed,
         "fingerprint": ckpt.fingerprint_from_sums(self.base_shapes, sums)}
 
