@@ -118,6 +118,11 @@ def test_save_peft_load_peft_and_load_model_on_gcs(params, gcs_url):
   _, via_base, lora2 = native.load_model(adapter_url)
   assert lora2.rank == 4
   _assert_bitwise_equal(loaded, via_base)
+  # analysis reads the same factors from the bucket (A [in, R], B [R, out])
+  from lora_jax.analysis.sources import open_source
+  a, b, _ = open_source(adapter_url, base=open_source(base_url)).lora(1, "v_proj")
+  np.testing.assert_allclose(a, np.asarray(want[("layers_1", "self_attn", "v_proj", "lora_a")]))
+  np.testing.assert_allclose(b, np.asarray(want[("layers_1", "self_attn", "v_proj", "lora_b")]))
 
 
 def test_save_checkpoint_and_load_checkpoint_on_gcs(params, gcs_url):
@@ -129,6 +134,23 @@ def test_save_checkpoint_and_load_checkpoint_on_gcs(params, gcs_url):
   config, loaded, lora = native.load_checkpoint(url)
   assert lora is None and config.num_hidden_layers == CFG.num_hidden_layers
   _assert_bitwise_equal(params, loaded)
+
+
+def test_convert_and_export_peft_clis_from_and_to_gcs(params, gcs_url, capsys):
+  from lora_jax.interop import hf, native, peft
+  lora_cfg = LoraConfig(rank=4, targets=("q_proj",))
+  tuned = jax.tree.map(lambda x: x + 0.01, add_lora(params, lora_cfg, jax.random.key(2)))
+  ckpt = fileio.join(gcs_url, "ckpt")
+  native.save_checkpoint(ckpt, CFG, tuned, lora_cfg, metadata={"base_model_name_or_path": "b"})
+  adapter, merged, again = (fileio.join(gcs_url, n) for n in ("adapter", "merged", "again"))
+  assert cli.main(["export-peft", ckpt, adapter, "--merged-hf", merged]) == 0, \
+      capsys.readouterr().err
+  out = capsys.readouterr().out
+  assert f"wrote PEFT adapter {adapter} " in out and f"wrote merged HF model {merged}" in out
+  assert peft.load_peft(adapter, CFG, params)[0].rank == 4
+  assert cli.main(["convert", merged, again]) == 0, capsys.readouterr().err  # HF -> lora-jax
+  assert native.read_checkpoint_info(again)["metadata"]["source"] == merged
+  _assert_bitwise_equal(hf.load_hf(merged)[1], native.load_checkpoint(again)[1])
 
 
 # --------------------------------------------------------------------------- commands
