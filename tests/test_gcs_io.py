@@ -285,6 +285,11 @@ def test_data_on_gcs_gives_the_same_records_and_batches_as_local(kind, ext, gcs_
   assert len(want) == len(got) > 0
   for a, b in zip(want, got):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  from lora_jax.data import sources
+  staged = sources.stage([fileio.join(remote, f"a{ext}")])[0]
+  assert not fileio.is_remote(staged)
+  assert fileio.read_bytes(staged) == (local / f"a{ext}").read_bytes()
+  assert sources.stage([fileio.join(remote, f"a{ext}")]) == [staged]  # downloaded once
 
 
 def test_missing_data_on_gcs_names_the_url(gcs_url):

@@ -117,15 +117,18 @@ def _glob(pattern: str) -> list[str]:
 
 
 _STAGED = contextlib.ExitStack()  # local copies of remote data files, kept while the process runs
+_STAGED_COPIES: dict[str, str] = {}  # remote path -> its local copy
 _STAGED_BY = os.getpid()
 atexit.register(lambda: os.getpid() == _STAGED_BY and _STAGED.close())  # not in forked workers
 
 
 def stage(paths: Sequence[str]) -> list[str]:
-  """Local paths for `paths`: each remote file is downloaded once (`fileio.local_copy`) and kept
-  until the process exits; local paths are returned as they are."""
-  return [_STAGED.enter_context(fileio.local_copy(p)) if fileio.is_remote(p) else p
-          for p in paths]
+  """Local paths for `paths`: each remote file is downloaded once per process
+  (`fileio.local_copy`) and kept until the process exits; local paths are returned as they are."""
+  for p in paths:
+    if fileio.is_remote(p) and p not in _STAGED_COPIES:
+      _STAGED_COPIES[p] = _STAGED.enter_context(fileio.local_copy(p))
+  return [_STAGED_COPIES.get(p, p) for p in paths]
 
 
 class _MultiFile:
