@@ -137,11 +137,12 @@ def read_tensor(file: str, key: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def renamed(local: str, shown: str):
-  """Errors (OSError, ValueError) about the staged copy `local` name `shown`, the remote original."""
+  """Errors (OSError, ValueError) about the staged copy `local` name `shown`, the remote original.
+  Only the plain types are rewritten (a subclass may take other constructor arguments)."""
   try:
     yield
   except (OSError, ValueError) as e:
-    if local == shown:
+    if local == shown or type(e) not in (OSError, FileNotFoundError, ValueError):
       raise
     raise type(e)(str(e).replace(local, shown)) from None
 
