@@ -203,20 +203,30 @@ def test_analyze_cli_reads_and_writes_gcs(gcs_models, gcs_url, capsys):
   assert f"wrote analysis: {out}/analysis.json" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two full reports (~15 s of matplotlib)
 def test_report_cli_reads_runs_from_gcs_and_writes_report_there(gcs_url, tmp_path, capsys):
+  from lora_jax import analysis
   fixtures = os.path.join(HERE, "fixtures", "report")
-  runs = []
+  rng = np.random.default_rng(0)
+  base = {"layers_0": {"self_attn": {"q_proj": {"kernel": rng.standard_normal((16, 16))}}}}
+  ft = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape), base)
+  res = analysis.analyze(base, ft, modules="q_proj", progress=False)
+  runs, local_runs = [], []
   for name in ("full", "lora_r16"):
+    local_runs.append(str(tmp_path / "runs" / name))
+    shutil.copytree(os.path.join(fixtures, name), local_runs[-1])
+    if name == "full":  # the spectral sections read analysis/ from the run dir
+      analysis.save_analysis(res, os.path.join(local_runs[-1], "analysis"))
     runs.append(fileio.join(gcs_url, "runs", name))
-    fileio.upload_tree(os.path.join(fixtures, name), runs[-1])
+    fileio.upload_tree(local_runs[-1], runs[-1])
   out, local = fileio.join(gcs_url, "report"), str(tmp_path / "report")
   assert cli.main(["report", "--runs", *runs, "--out", out, "--no-paper"]) == 0, \
       capsys.readouterr().err
-  local_runs = [os.path.join(fixtures, n) for n in ("full", "lora_r16")]
   assert cli.main(["report", "--runs", *local_runs, "--out", local, "--no-paper"]) == 0
   assert fileio.listdir(out) == sorted(os.listdir(local))
   remote_figures = fileio.listdir(fileio.join(out, "figures"))
-  assert remote_figures == sorted(os.listdir(os.path.join(local, "figures"))) and remote_figures
+  assert remote_figures == sorted(os.listdir(os.path.join(local, "figures")))
+  assert {"loss.png", "rank_by_layer.png", "spectra.png"} <= set(remote_figures)
   text = fileio.read_text(fileio.join(out, "report.md"))
   assert f"`{runs[0]}`" in text  # the run table names the bucket paths
   local_text = open(os.path.join(local, "report.md")).read()
