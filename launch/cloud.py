@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -91,6 +92,31 @@ class Job:
   names: list[str]
   env: dict[str, str]
   stage: list[tuple[str, str]]  # (gs:// source, local destination) copied before the job
+  output_dirs: list[str] = dataclasses.field(default_factory=list)  # each run's output_dir
+
+
+OUTPUT_DIR_FLAG = "--config.output_dir="
+
+
+def output_dirs_of(commands: Sequence[Sequence[str]]) -> list[str]:
+  """The `--config.output_dir=` of each command that names one."""
+  return [a[len(OUTPUT_DIR_FLAG):] for c in commands for a in c if a.startswith(OUTPUT_DIR_FLAG)]
+
+
+# The run inputs that training reads from local copies (eval.data_dir is read by `lora-jax eval`
+# after training, and by training only with train.eval_every, which the paper configs leave 0).
+STAGED_KEYS = ("model.hf_path", "data.path", "data.tokenizer")
+
+
+def staged_inputs(runs, bucket: str) -> list[tuple[str, str]]:
+  """(gs:// source, local destination) of every STAGE_ROOT/models/<name> and STAGE_ROOT/data/<name>
+  directory in the runs' STAGED_KEYS (base model, tokenizer, dataset), from the same place under
+  the bucket; models first."""
+  pattern = re.compile(re.escape(STAGE_ROOT) + r"/(models|data)/([^/*?\[]+)")
+  found = {m.groups() for r in runs for k in STAGED_KEYS
+           for m in pattern.finditer(str(r.overrides.get(k, "")))}
+  return [(f"{bucket}/{kind}/{name}", f"{STAGE_ROOT}/{kind}/{name}")
+          for kind, name in sorted(found, key=lambda kn: (kn[0] != "models", kn[1]))]
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +156,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     if not command:
       raise SystemExit("no job: give --sweep CONFIG or a command after -- (e.g. -- lora-jax "
                        "train --config configs/paper/code_ift.py)")
-    return Job([command], [os.path.basename(command[0])], env, stage)
+    return Job([command], [os.path.basename(command[0])], env, stage, output_dirs_of([command]))
 
   sys.path.insert(0, REPO_ROOT)
   # The launcher runs from a checkout with lora-jax installed.
@@ -138,19 +164,17 @@ def job_from_args(args: argparse.Namespace) -> Job:
   from lora_jax.experiments import sweep
 
   params = sweep.parse_params(args.set_params)
-  if args.bucket:
-    bucket = args.bucket.rstrip("/")
-    module = config.load_module(args.sweep)
-    dataset = module.DATA["path"].split("/")[0]
+  bucket = args.bucket.rstrip("/")
+  if bucket:
     params = {"out": f"{bucket}/runs", "model_root": f"{STAGE_ROOT}/models",
               "data_root": f"{STAGE_ROOT}/data", **params}
-    stage = [(f"{bucket}/models/Llama-2-7b-hf", f"{STAGE_ROOT}/models/Llama-2-7b-hf"),
-             (f"{bucket}/data/{dataset}", f"{STAGE_ROOT}/data/{dataset}"), *stage]
   groups = [g for g in args.groups.split(",") if g] or None
   runs = sweep.expand_sweep(args.sweep, groups, variants=args.variant, params=params,
                             match=args.filter, extra=args.override)
   if not runs:
     raise SystemExit("the sweep selection has no runs")
+  if bucket:  # inputs are read from local copies; the run directories stay in the bucket
+    stage = [*staged_inputs(runs, bucket), *stage]
   # The machine runs from its copy of the source tree: name the config relative to the repo.
   remote_config = os.path.relpath(os.path.abspath(args.sweep), REPO_ROOT)
   if remote_config.startswith(".."):
@@ -160,7 +184,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     argv = r.argv()
     argv[argv.index("--config") + 1] = remote_config
     commands.append(argv)
-  return Job(commands, [r.name for r in runs], env, stage)
+  return Job(commands, [r.name for r in runs], env, stage, [r.output_dir for r in runs])
 
 
 def _split_pair(text: str, flag: str) -> tuple[str, str]:
@@ -309,8 +333,17 @@ def setup(backend: Backend, sh: Shell, job: Job) -> None:
   sh.run(backend.ssh(RUN_INSTALL), retries=2)
 
 
+def note_output_dirs(sh: Shell, job: Job) -> None:
+  """Names each run directory; one on the machine's own disk is lost with the machine."""
+  for d in job.output_dirs:
+    where = "in the bucket" if d.startswith("gs://") else (
+        "ON THE MACHINE'S DISK: lost on preemption, the run cannot resume; use gs://")
+    sh.note(f"run directory {d} ({where})")
+
+
 def start(backend: Backend, sh: Shell, job: Job) -> None:
   """Uploads the job script and starts it, detached, on every worker."""
+  note_output_dirs(sh, job)
   local = sh.write(f"{sh.tmpdir}/{backend.name}-{JOB_FILE}", job_script(job))
   sh.run(backend.scp(local, JOB_FILE), retries=3)
   sh.run(backend.ssh(RUN_JOB))

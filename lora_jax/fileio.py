@@ -169,7 +169,11 @@ def copy_tree(src, dst, *, last: Sequence[str] = ()) -> None:
   s, d = s.rstrip("/"), d.rstrip("/")
   files = fs.find(s) if fs.isdir(s) else [s]
   for f in sorted(files, key=lambda f: f.rsplit("/", 1)[-1] in last):
-    fs.copy(f, d + f[len(s):])
+    _copy_object(fs, f, d + f[len(s):])
+
+
+def _copy_object(fs, src: str, dst: str) -> None:
+  fs.copy(src, dst)  # a server-side copy: `dst` appears complete or not at all
 
 
 def move(src, dst) -> None:

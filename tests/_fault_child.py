@@ -10,6 +10,9 @@ LORA_JAX_TEST_KILL="<where>:<step>" picks the moment the process SIGKILLs itself
   async:N   right after checkpoint N's save was started, its async commit still in flight
 LORA_JAX_TEST_ENOSPC=N makes the commit of checkpoint N fail with ENOSPC ("disk full") in the
 background commit thread, as a full disk does mid-run.
+LORA_JAX_TEST_STORAGE_DOWN="<step>:<pid>" SIGKILLs process <pid> (the GCS emulator) inside the
+commit of checkpoint <step> (every item written, orbax's commit marker not yet): the storage goes
+away mid-save, as a network fault does.
 LORA_JAX_TEST_STEP_SLEEP=<seconds> makes every optimizer step that much slower (a stand-in for a
 big model), so a signal sent from outside lands mid-run.
 Without the variables this is plain `lora-jax`. The hooks wrap library functions from outside,
@@ -113,12 +116,31 @@ def disk_full_at(target: int) -> None:
   ckpt.DataStateHandler.finalize = handler_finalize
 
 
+def storage_down_at(spec: str) -> None:
+  import time
+
+  from lora_jax import checkpoint as ckpt
+  target, pid = (int(x) for x in spec.split(":"))
+  finalize = ckpt.DataStateHandler.finalize
+
+  def handler_finalize(self, directory):
+    if _step_of(directory) == target:
+      sys.stderr.write(f"FAULT: storage (pid {pid}) killed in the commit of checkpoint {target}\n")
+      os.kill(pid, signal.SIGKILL)
+      time.sleep(0.5)
+    return finalize(self, directory)
+
+  ckpt.DataStateHandler.finalize = handler_finalize
+
+
 def main() -> int:
   spec = os.environ.get("LORA_JAX_TEST_KILL", "")
   if spec:
     install(spec)
   if os.environ.get("LORA_JAX_TEST_ENOSPC"):
     disk_full_at(int(os.environ["LORA_JAX_TEST_ENOSPC"]))
+  if os.environ.get("LORA_JAX_TEST_STORAGE_DOWN"):
+    storage_down_at(os.environ["LORA_JAX_TEST_STORAGE_DOWN"])
   if os.environ.get("LORA_JAX_TEST_STEP_SLEEP"):
     slow_steps(float(os.environ["LORA_JAX_TEST_STEP_SLEEP"]))
   from lora_jax.cli import main as cli_main

@@ -108,3 +108,98 @@ def test_preempted_run_on_gs_resumes_with_each_metrics_row_once(gcs_url, fresh_c
   assert second.step == 5
   assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4, 5]
   assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in straight.metrics]
+
+
+# --------------------------------------------------------------------------- lora-jax train in a subprocess
+# The fault tests' run (tests/_fault_support.py: the shipped tiny LoRA config, 12 steps, async
+# checkpoints every 2, the last 3 kept), exporting its PEFT adapter.
+GS_RUN_ARGS = (*[a for a in RUN_ARGS if "export" not in a], "--config.train.export=adapter")
+ADAPTER = "export/adapter/adapter_model.safetensors"
+REPORT = os.environ.get("LORA_JAX_GCS_REPORT", "")  # a JSON file to write the measured run to
+
+
+def _train(out: str, cwd, *, timeout: float = 400, **extra_env) -> subprocess.CompletedProcess:
+  """`lora-jax train` of GS_RUN_ARGS into `out`, from working directory `cwd` (a fresh VM has
+  nothing but the bucket)."""
+  os.makedirs(cwd, exist_ok=True)
+  faults = any(k.startswith("LORA_JAX_TEST_") for k in extra_env)
+  return subprocess.run(train_cmd(out, *GS_RUN_ARGS, faults=faults), env=env(**extra_env),
+                        cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(out: str) -> dict:
+  rows = deterministic(_metrics(out))
+  return {"rows": rows, "final_loss": rows[-1]["loss"],
+          "adapter_sha256": _sha256(fileio.join(out, ADAPTER))}
+
+
+@pytest.fixture(scope="module")
+def straight(gcs_emulator, tmp_path_factory):
+  """The uninterrupted run on gs:// (the reference the interrupted ones must equal bitwise)."""
+  out = gcs_emulator.url("straight-" + os.urandom(4).hex())
+  proc = _train(out, tmp_path_factory.mktemp("vm0"))
+  assert proc.returncode == 0, tail(proc)
+  return _summary(out)
+
+
+def _vm_is_clean(*cwds) -> None:
+  for cwd in cwds:
+    assert list(cwd.iterdir()) == [], f"{cwd}: the run wrote to local disk"
+    assert local_gs_dirs(str(cwd)) == []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_save_then_resume_on_a_fresh_vm_is_bitwise_the_straight_run(
+    straight, gcs_url, tmp_path):
+  out = fileio.join(gcs_url, "killed")
+  vm1, vm2 = tmp_path / "vm1", tmp_path / "vm2"
+  killed = _train(out, vm1, LORA_JAX_TEST_KILL="save:6")
+  assert killed.returncode == -9 and "FAULT: SIGKILL at save:6" in killed.stderr, tail(killed)
+  steps = fileio.checkpoint_steps(fileio.join(out, "checkpoints"))
+  assert steps == [2, 4]  # step 6's objects are in the bucket, without orbax's commit marker
+  assert fileio.isdir(fileio.join(out, "checkpoints", "6"))
+  resumed = _train(out, vm2)  # another machine: an empty working directory, the same bucket
+  assert resumed.returncode == 0, tail(resumed)
+  assert resumed_step(resumed.stderr) == 4
+  got = _summary(out)
+  assert [r["step"] for r in got["rows"]] == list(range(1, 13))  # each row once
+  assert got["rows"] == straight["rows"]  # losses, grad norms, LRs: bitwise
+  assert got["adapter_sha256"] == straight["adapter_sha256"]
+  _vm_is_clean(vm1, vm2)
+  if REPORT:
+    with open(REPORT, "w") as f:
+      json.dump({"output_dir": out, "killed_at": "save:6", "resumed_from": 4,
+                 "straight": {k: straight[k] for k in ("final_loss", "adapter_sha256")},
+                 "resumed": {k: got[k] for k in ("final_loss", "adapter_sha256")},
+                 "losses_straight": [r["loss"] for r in straight["rows"]],
+                 "losses_resumed": [r["loss"] for r in got["rows"]]}, f, indent=1)
+
+
+@pytest.mark.slow
+def test_storage_down_mid_save_is_a_clear_error_then_the_run_resumes(straight, tmp_path,
+                                                                     monkeypatch):
+  """The GCS emulator is killed inside the commit of checkpoint 4 (a network fault): training
+  stops with an error naming the failed save, checkpoint 2 stays intact, and once the storage is
+  back the run resumes from it and ends bitwise equal to the straight run."""
+  emu = GcsEmulator(str(tmp_path / "gcs")).start()
+  try:
+    monkeypatch.setattr(os, "environ", {**os.environ, **emu.env()})
+    reset_clients()
+    out = emu.url("net")
+    down = _train(out, tmp_path / "vm1", LORA_JAX_TEST_STORAGE_DOWN=f"4:{emu.proc.pid}")
+    assert "FAULT: storage" in down.stderr, tail(down)
+    assert down.returncode not in (0, -9), tail(down)
+    assert "saving a checkpoint in gs://" in down.stderr and " failed (" in down.stderr, tail(down)
+    emu.stop()
+    emu.start()  # the storage is back, with what it held
+    reset_clients()
+    assert fileio.checkpoint_steps(fileio.join(out, "checkpoints")) == [2]
+    resumed = _train(out, tmp_path / "vm2")
+    assert resumed.returncode == 0, tail(resumed)
+    assert resumed_step(resumed.stderr) == 2
+    got = _summary(out)
+    assert got["rows"] == straight["rows"]
+    assert got["adapter_sha256"] == straight["adapter_sha256"]
+  finally:
+    emu.stop()
+    reset_clients()

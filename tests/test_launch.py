@@ -114,6 +114,32 @@ def test_tpu_sweep_with_bucket_stages_and_writes_to_gcs(capsys):
     tpu.main(["up", "--name", "s", "--zone", "z", "--dry-run"])
 
 
+def test_tpu_sweep_dry_run_names_every_run_directory_in_the_bucket(capsys):
+  """Preemptible VMs: each run directory is in the bucket (so a fresh VM resumes it); the VM's
+  disk holds only staged inputs (base model, tokenizer, dataset), copied from the bucket."""
+  config = os.path.join(ROOT, "configs", "paper", "math_ift.py")
+  out, _ = dry(tpu.main, ["up", "--name", "s", "--zone", "z", "--bucket", "gs://B/",
+                          "--preflight=off", "--sweep", config, "--groups", "main"], capsys)
+  run_dirs = [l.split()[3] for l in out.splitlines() if l.startswith("# run directory ")]
+  output_dirs = [a.split("=", 1)[1].strip("'") for l in out.splitlines() for a in l.split()
+                 if a.startswith("--config.output_dir=")]
+  assert run_dirs and sorted(run_dirs) == sorted(output_dirs)
+  assert all(d.startswith("gs://B/runs/math_ift/") for d in run_dirs)
+  assert "ON THE MACHINE'S DISK" not in out
+  staged = sorted(l.split()[-1] for l in out.splitlines() if "gcloud storage rsync" in l)
+  inputs = {a.split("=", 1)[1] for l in out.splitlines() for a in l.replace("'", "").split()
+            if a.startswith(("--config.model.hf_path=", "--config.data.path=",
+                             "--config.data.tokenizer="))}
+  assert len(inputs) == 3  # one base model, one dataset glob, one tokenizer for the sweep
+  assert all(any(i.startswith(d + "/") or i == d for d in staged) for i in inputs), (inputs, staged)
+  # an explicit command writing to the machine's own disk is called out
+  out, _ = dry(tpu.main, ["up", "--name", "s", "--zone", "z", "--preflight=off", "--", "lora-jax",
+                          "train",
+                          "--config", "configs/paper/math_ift.py",
+                          "--config.output_dir=/tmp/runs/x"], capsys)
+  assert "run directory /tmp/runs/x (ON THE MACHINE'S DISK" in out
+
+
 def test_tpu_from_git_repo_and_env(capsys):
   out, cmds = dry(tpu.main, ["setup", "--name", "g", "--zone", "z", "--repo",
                              "https://github.com/o/lora-jax.git", "--ref", "v1", *TRAIN], capsys)

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from lora_jax import cli, config
+from lora_jax import cli, config, fileio
 from lora_jax.experiments import sweep
 
 PAPER = os.path.join(os.path.dirname(__file__), "..", "configs", "paper")
@@ -276,32 +276,31 @@ def test_follow_ups_run_after_training_until_their_output_exists(tmp_path):
   assert calls == []
 
 
-def test_seeding_on_an_object_store_copies_the_commit_marker_last(tmp_path, monkeypatch):
-  """No rename on GCS: files are copied one by one, orbax's commit marker last, so a copy cut
-  short is not a checkpoint (and is redone on the next start)."""
-  src = tmp_path / "trunk" / "checkpoints" / "4"
+def test_seeding_on_an_object_store_copies_the_commit_marker_last(gcs_url, monkeypatch):
+  """No rename on GCS (the emulator here): objects are copied one by one, orbax's commit marker
+  last, so a copy cut short is not a checkpoint (and is redone on the next start)."""
+  src = fileio.join(gcs_url, "trunk", "checkpoints", "4")
   for rel in ("commit_success.txt", "state/a.bin", "state/manifest.ocdbt", "data.json"):
-    (src / rel).parent.mkdir(parents=True, exist_ok=True)
-    (src / rel).write_text(rel)
-  monkeypatch.setattr(sweep, "_is_local", lambda path: False)
-  run = sweep.PlannedRun("b", {"output_dir": str(tmp_path / "b")}, start_from=str(src))
+    fileio.atomic_write_text(fileio.join(src, rel), rel)
+  run = sweep.PlannedRun("b", {"output_dir": fileio.join(gcs_url, "b")}, start_from=src)
   copied = []
-  path_type = type(sweep.epath.Path(str(src)))
-  real_copy = path_type.copy
+  real_copy = fileio._copy_object
 
-  def fail_at_marker(self, dst, overwrite=False):
-    if self.name == "commit_success.txt":
+  def fail_at_marker(fs, a, b):
+    if a.endswith("commit_success.txt"):
       raise OSError("connection reset")
-    copied.append(self.name)
-    return real_copy(self, dst, overwrite=overwrite)
+    copied.append(a.rsplit("/", 1)[-1])
+    return real_copy(fs, a, b)
 
-  monkeypatch.setattr(path_type, "copy", fail_at_marker)
+  monkeypatch.setattr(fileio, "_copy_object", fail_at_marker)
   with pytest.raises(OSError):
     sweep.seed_from_trunk(run)
   assert sorted(copied) == ["a.bin", "data.json", "manifest.ocdbt"]  # everything but the marker
   assert not sweep._has_checkpoints(run.output_dir)  # the cut-short copy is no checkpoint
-  monkeypatch.setattr(path_type, "copy", real_copy)
+  monkeypatch.setattr(fileio, "_copy_object", real_copy)
   assert sweep.seed_from_trunk(run)
-  dest = tmp_path / "b" / "checkpoints" / "4"
-  assert (dest / "state" / "a.bin").read_text() == "state/a.bin"
-  assert (dest / "commit_success.txt").exists() and sweep._has_checkpoints(run.output_dir)
+  dest = fileio.join(gcs_url, "b", "checkpoints", "4")
+  assert fileio.read_text(fileio.join(dest, "state", "a.bin")) == "state/a.bin"
+  assert fileio.exists(fileio.join(dest, "commit_success.txt"))
+  assert sweep._has_checkpoints(run.output_dir)
+  assert not sweep.seed_from_trunk(run)  # it has a checkpoint now: it resumes instead

@@ -31,9 +31,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-from etils import epath
-
-from lora_jax import config
+from lora_jax import config, fileio
 
 TRAIN_PROGRAM = ("lora-jax", "train")
 
@@ -253,41 +251,15 @@ CHECKPOINT_DIR = "checkpoints"  # lora_jax.checkpoint.CHECKPOINT_DIR (that modul
 EXPORT_DIR = "export"
 
 
-COMMIT_MARKER = "commit_success.txt"  # orbax: the last file of a step saved on an object store
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
-
-
 def is_finished(run: PlannedRun) -> bool:
   """The run exported its model, which `lora-jax train` does only after the last step."""
-  d = epath.Path(run.output_dir) / EXPORT_DIR
-  return d.is_dir() and any(True for _ in d.iterdir())
+  d = fileio.join(run.output_dir, EXPORT_DIR)
+  return fileio.isdir(d) and bool(fileio.listdir(d))
 
 
 def _has_checkpoints(output_dir: str) -> bool:
   """A complete step directory (on an object store: one holding orbax's commit marker)."""
-  d = epath.Path(output_dir) / CHECKPOINT_DIR
-  return d.is_dir() and any(p.name.isdigit() and (_is_local(output_dir)
-                                                  or (p / COMMIT_MARKER).exists())
-                            for p in d.iterdir())
-
-
-def _files(d: epath.Path) -> list[epath.Path]:
-  """Every file under `d` (epath's rglob refuses object stores)."""
-  out = []
-  for p in d.iterdir():
-    out.extend(_files(p) if p.is_dir() else [p])
-  return out
-
-
-def _copy_tree(src: epath.Path, dest: epath.Path) -> None:
-  """File by file, orbax's commit marker last, so an interrupted copy is never a checkpoint."""
-  for f in sorted(_files(src), key=lambda p: p.name == COMMIT_MARKER):
-    target = dest / f.relative_to(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    f.copy(target, overwrite=True)
+  return bool(fileio.checkpoint_steps(fileio.join(output_dir, CHECKPOINT_DIR)))
 
 
 def seed_from_trunk(run: PlannedRun) -> bool:
@@ -297,15 +269,14 @@ def seed_from_trunk(run: PlannedRun) -> bool:
   is nothing to do (not a branch, or the branch already has checkpoints: it resumes)."""
   if not run.start_from or _has_checkpoints(run.output_dir):
     return False
-  src = epath.Path(run.start_from)
-  if not src.is_dir():
+  src = run.start_from.rstrip("/")
+  if not fileio.isdir(src):
     raise FileNotFoundError(f"run {run.name}: its trunk checkpoint {run.start_from} does not "
                             f"exist; run {run.after or 'the trunk'} first (it keeps that step)")
-  dest = epath.Path(run.output_dir) / CHECKPOINT_DIR / src.name
-  if not _is_local(run.output_dir):
-    if dest.exists():
-      dest.rmtree()  # an interrupted earlier copy
-    _copy_tree(src, dest)
+  dest = fileio.join(run.output_dir, CHECKPOINT_DIR, src.rsplit("/", 1)[-1])
+  if fileio.is_remote(run.output_dir):
+    fileio.rmtree(dest)  # an interrupted earlier copy
+    fileio.copy_tree(src, dest, last=(fileio.ORBAX_COMMIT_MARKER,))
     return True
   tmp = f"{dest}.seeding"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +294,7 @@ def _follow_ups(run: PlannedRun, call: Callable[[list[str]], int],
                 log: Callable[[str], None]) -> int:
   """Runs the run's follow-up commands whose output is missing; the first failure's code."""
   for f in run.follow_ups:
-    if epath.Path(f.output).exists():
+    if fileio.exists(f.output):
       continue
     log(f"  {f.command()}")
     rc = call([sys.executable, "-m", "lora_jax.cli", *f.argv])
