@@ -12,6 +12,8 @@
 Row formats (HF datasets exports, or the MosaicML Gauntlet's local jsonl) are in `FORMATS`.
 Each `.jsonl` may instead be `.jsonl.gz` or `.parquet` (same stem). Without a few-shot file, shots
 are drawn from the eval split itself, never the example being scored (the Gauntlet's rule).
+`--data-dir` may be gs://...: files are found and read whole through `fileio` (eval files are
+small).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading run directories for reports.
 
-A run directory holds
+A run directory (a local path or gs://...) holds
   metrics.jsonl      training lines {"step", "tokens", "epoch", "loss", "lr", ...} and eval lines
                      {"step", "tokens", "epoch", "eval": {task: {metric: value}}}
   evals/*.json       optional, one per checkpoint (or evals/<name>/results.json, as `lora-jax
