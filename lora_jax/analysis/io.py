@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 
+from lora_jax import fileio
 from lora_jax.analysis.analyze import Analysis
 from lora_jax.fileio import atomic_write_bytes, atomic_write_json
 
@@ -17,12 +17,12 @@ ANALYSIS_FILE = "analysis.json"
 
 def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -> dict[str, str]:
   """Writes `spectra.npz` (all singular values) and `analysis.json` (meta, summary, per-matrix
-  rows) into `out_dir`; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  rows) into `out_dir` (a local directory or gs://...); returns their paths."""
+  fileio.makedirs(out_dir)
   buf = io.BytesIO()
   np.savez_compressed(buf, **analysis.spectra)
-  paths = {"spectra": os.path.join(out_dir, SPECTRA_FILE),
-           "analysis": os.path.join(out_dir, ANALYSIS_FILE)}
+  paths = {"spectra": fileio.join(out_dir, SPECTRA_FILE),
+           "analysis": fileio.join(out_dir, ANALYSIS_FILE)}
   atomic_write_bytes(paths["spectra"], buf.getvalue())
   doc = {"meta": analysis.meta, "summary": analysis.summary(), "rows": analysis.rows}
   if extra:
@@ -34,12 +34,11 @@ def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -
 
 def load_analysis(path: str) -> Analysis:
   """Reads a directory written by `save_analysis` (spectra are optional)."""
-  with open(os.path.join(path, ANALYSIS_FILE)) as f:
-    doc = json.load(f)
-  spec_path = os.path.join(path, SPECTRA_FILE)
+  doc = json.loads(fileio.read_text(fileio.join(path, ANALYSIS_FILE)))
+  spec_path = fileio.join(path, SPECTRA_FILE)
   spectra = {}
-  if os.path.exists(spec_path):
-    with np.load(spec_path) as z:
+  if fileio.exists(spec_path):
+    with np.load(io.BytesIO(fileio.read_bytes(spec_path))) as z:
       spectra = {k: z[k] for k in z.files}
   meta = dict(doc["meta"])
   for k, v in doc.items():

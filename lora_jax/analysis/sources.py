@@ -22,6 +22,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from lora_jax import fileio
 from lora_jax.lora import ALL_MODULES, ATTENTION_MODULES, LoraConfig
 
 _LAYER_RE = re.compile(r"^layers_(\d+)$")
@@ -94,8 +95,8 @@ class HFSource:
       raise RuntimeError("reading HF directories needs lora_jax.interop.hf.open_hf_tensors, "
                          f"which is not available yet ({e})") from e
     self.name = path
-    with open(os.path.join(path, "config.json")) as f:
-      self.num_layers = int(json.load(f)["num_hidden_layers"])
+    config = json.loads(fileio.read_text(fileio.join(path, "config.json")))
+    self.num_layers = int(config["num_hidden_layers"])
     self.tensors = open_hf_tensors(path)
 
   def _key(self, layer, module):
@@ -112,10 +113,12 @@ class HFSource:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a (small) safetensors file as float32 numpy arrays (bfloat16 included)."""
+  """All tensors of a (small) safetensors file, local or gs://, as float32 numpy arrays (bfloat16
+  included)."""
   from safetensors import safe_open
   out = {}
-  with safe_open(path, framework="flax") as f:  # flax: bfloat16-capable (numpy is not)
+  # safe_open needs a local file; flax: bfloat16-capable (numpy is not)
+  with fileio.local_copy(path) as local, safe_open(local, framework="flax") as f:
     for key in f.keys():
       out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
   return out
@@ -135,12 +138,11 @@ class PeftSource:
   """
 
   def __init__(self, path: str, base: WeightSource):
-    with open(os.path.join(path, "adapter_config.json")) as f:
-      self.config = json.load(f)
+    self.config = json.loads(fileio.read_text(fileio.join(path, "adapter_config.json")))
     if str(self.config.get("peft_type", "LORA")).upper() != "LORA":
       raise ValueError(f"{path}: peft_type {self.config.get('peft_type')!r} is not LORA")
-    weights = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.exists(weights):
+    weights = fileio.join(path, "adapter_model.safetensors")
+    if not fileio.exists(weights):
       raise FileNotFoundError(f"{path}: adapter_model.safetensors not found")
     self.name, self.base, self.num_layers = path, base, base.num_layers
     self.factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -180,12 +182,12 @@ def kernel_shape(source: WeightSource, layer: int, module: str) -> tuple[int, in
 
 
 def is_hf_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and any(n.endswith(".safetensors") for n in os.listdir(path)))
+  return (fileio.isfile(fileio.join(path, "config.json"))
+          and any(n.endswith(".safetensors") for n in fileio.listdir(path)))
 
 
 def is_peft_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "adapter_config.json"))
+  return fileio.isfile(fileio.join(path, "adapter_config.json"))
 
 
 def open_source(x: Any, base: WeightSource | None = None, lora_config: LoraConfig | None = None,
@@ -196,7 +198,7 @@ def open_source(x: Any, base: WeightSource | None = None, lora_config: LoraConfi
   if isinstance(x, Mapping):
     return ParamsSource(x, lora_config, name or "params")
   path = os.fspath(x)
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
   if is_peft_dir(path):
     if base is None:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from lora_jax.commands import argtypes
+from lora_jax.fileio import is_remote
 
 HELP = ("Spectral analysis of W_ft - W_base per layer and module (rank@p of the variance, effective "
         "rank, relative norm, optional intruder dimensions): spectra.npz, analysis.json, plots.")
@@ -80,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"random {rb['shape'][0]}x{rb['shape'][1]} Gaussian: rank@{args.variance:.0%} = "
           f"{rb['rank_A']} (Marchenko-Pastur: {rb['mp_expected_rank']:.0f})")
   for name, path in paths.items():
-    print(f"wrote {name}: {os.path.relpath(path)}")
+    print(f"wrote {name}: {path if is_remote(path) else os.path.relpath(path)}")
   return 0

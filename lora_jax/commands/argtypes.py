@@ -46,14 +46,11 @@ def int_list(text: str) -> list[int] | None:
   return [int(s) for s in items] or None
 
 
-def _is_url(text: str) -> bool:
-  """gs://, s3://, ... paths are checked by the filesystem layer when they are opened."""
-  return "://" in text
-
-
 def existing_dir(text: str) -> str:
-  """A directory that exists (an input root such as --data-dir)."""
-  if _is_url(text):
+  """A directory that exists (an input root such as --data-dir); a gs:// URL is checked by the
+  filesystem layer when it is opened, not while the command line is parsed."""
+  from lora_jax.fileio import is_remote
+  if is_remote(text):
     return text
   path = os.path.expanduser(text)
   if not os.path.exists(path):
@@ -71,17 +68,18 @@ def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
 
 def claim_output_dir(path: str, owned: tuple[str, ...], overwrite: bool) -> None:
   """Refuses (FileExistsError) an existing `path` holding files this command does not write,
-  unless `overwrite`; call it before any work. The command never deletes what it did not write."""
+  unless `overwrite`; call it before any work. The command never deletes what it did not write.
+  Local and gs:// alike."""
   from lora_jax.fileio import check_replaceable
-  if not _is_url(path):
-    check_replaceable(path, owned, overwrite)
+  check_replaceable(path, owned, overwrite)
 
 
 def output_dir(text: str) -> str:
   """An output directory: it may exist as a directory, never as a file (checked before any work)."""
   if not text.strip():
     raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
-  if _is_url(text):
+  from lora_jax.fileio import is_remote
+  if is_remote(text):
     return text
   path = os.path.expanduser(text)
   if os.path.lexists(path) and not os.path.isdir(path):

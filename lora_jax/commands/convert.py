@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
+
+from lora_jax import fileio
 
 HELP = ("Convert between an HF Llama dir and a lora-jax checkpoint (direction from SRC); a LoRA "
         "checkpoint or PEFT adapter is merged when writing HF.")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                        lora_config=lora, overwrite=args.overwrite)
       note = " (LoRA merged into the kernels)" if lora is not None else ""
     else:
-      meta = {"source": os.path.abspath(args.src), "source_format": kind}
+      meta = {"source": fileio.abspath(args.src), "source_format": kind}
       base = _base_name(args, kind, native)
       if base:
         meta["base_model_name_or_path"] = base
@@ -70,10 +71,10 @@ def _base_name(args, kind, native) -> str:
   from lora_jax.interop import peft
   from lora_jax.fileio import read_json
   if kind == "hf":
-    return os.path.abspath(args.src)
+    return fileio.abspath(args.src)
   if kind == "lora-jax":
     return native.read_checkpoint_info(args.src).get("metadata", {}).get(
         "base_model_name_or_path", "")
   # A PEFT adapter: its own base name.
-  ac = read_json(os.path.join(args.src, peft.ADAPTER_CONFIG), "PEFT adapter config")
+  ac = read_json(fileio.join(args.src, peft.ADAPTER_CONFIG), "PEFT adapter config")
   return ac.get("base_model_name_or_path") or ""

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from lora_jax import fileio
 from lora_jax.commands import argtypes
 
 HELP = ("Evaluate a model (HF dir, lora-jax checkpoint, or base + PEFT adapter) on humaneval, "
@@ -109,9 +110,9 @@ def _tokenizer(args):
   if meta.get("base_model_name_or_path"):
     candidates.append(meta["base_model_name_or_path"])
   for c in candidates:
-    c = os.path.expanduser(str(c))
-    if os.path.isdir(c) and any(os.path.exists(os.path.join(c, f))
-                                for f in ("tokenizer.json", "tokenizer.model")):
+    c = str(c) if fileio.is_remote(str(c)) else os.path.expanduser(str(c))
+    if fileio.isdir(c) and any(fileio.exists(fileio.join(c, f))
+                               for f in ("tokenizer.json", "tokenizer.model")):
       return load_tokenizer(c)
   raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {' or '.join(candidates)}; "
                           "pass --tokenizer (a file, a dir, or 'byte')")
@@ -122,7 +123,7 @@ def _checkpoint_metadata(path: str) -> dict:
     from lora_jax.interop.native import META_FILE, read_checkpoint_info
   except ImportError:  # pragma: no cover
     return {}
-  if not os.path.isfile(os.path.join(path, META_FILE)):
+  if not fileio.isfile(fileio.join(path, META_FILE)):
     return {}
   return dict(read_checkpoint_info(path).get("metadata") or {})
 
@@ -172,5 +173,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"lora-jax eval: {e}", file=sys.stderr)
     return 2
   print(res.format_table(results))
-  print(f"wrote {os.path.join(args.out, res.RESULTS_FILE)}")
+  print(f"wrote {fileio.join(args.out, res.RESULTS_FILE)}")
   return 0

@@ -1,4 +1,4 @@
-"""Record sources: local jsonl / jsonl.gz, Parquet, ArrayRecord, TFDS and synthetic, as grain MapDatasets.
+"""Record sources: jsonl / jsonl.gz, Parquet, ArrayRecord, TFDS and synthetic, as grain MapDatasets.
 
 `load_records(data_cfg)` returns a `grain.MapDataset` of dicts. Every record carries `_where`
 ("file:line", "file:row N", "file:record N", "tfds:name[split]:example N") so later stages can name
@@ -6,11 +6,15 @@ the offending input. A record that cannot be parsed raises `DataError` naming fi
 with `data.skip_malformed`, becomes `{"_where": ..., "_error": message}` for the pipeline to count
 and drop. Records are read lazily by index: jsonl files are indexed by line offsets once (gzip
 files are decompressed into memory), so shuffling and per-process slicing never parse the whole
-corpus.
+corpus. Files may be local or on gs://: remote files are found with `fileio` (a glob, a
+directory or a list) and staged once into a local temp dir (random access by record is what an
+object store serves worst); `_where` still names the gs:// object.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob
 import gzip
 import json
@@ -24,6 +28,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from lora_jax import fileio
 from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 
 log = logging.getLogger(__name__)
@@ -82,30 +87,58 @@ def resolve_paths(spec: str, source: str, key: str = "data.path") -> list[str]:
                     "of files, a glob or a directory")
   paths = []
   for part in parts:
-    part = os.path.expanduser(part)
+    part = part if fileio.is_remote(part) else os.path.expanduser(part)
     if glob.has_magic(part):
-      matches = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+      matches = sorted(p for p in _glob(part) if fileio.isfile(p))
       if not matches:
         raise DataError(key, f"glob {part!r} matches no files")
       paths.extend(matches)
-    elif os.path.isdir(part):
+    elif fileio.isdir(part):
       exts = _EXTENSIONS[source]
-      matches = sorted(os.path.join(part, n) for n in os.listdir(part) if n.endswith(exts))
+      matches = sorted(fileio.join(part, n) for n in fileio.listdir(part) if n.endswith(exts))
       if not matches:
         raise DataError(key, f"directory {part!r} has no {'/'.join(exts)} files")
       paths.extend(matches)
-    elif os.path.isfile(part):
+    elif fileio.isfile(part):
       paths.append(part)
     else:
       raise DataError(key, f"{part}: no such file")
   return paths
 
 
-class _MultiFile:
-  """Random access over the records of several files, indexed by a global record number."""
+def _glob(pattern: str) -> list[str]:
+  """glob.glob for a local pattern; for gs:// the pattern's wildcard part is matched by epath."""
+  if not fileio.is_remote(pattern):
+    return glob.glob(pattern)
+  parts = pattern.split("/")
+  first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+  root = "/".join(parts[:first])
+  return [str(p) for p in fileio.as_path(root).glob("/".join(parts[first:]))]
 
-  def __init__(self, paths: Sequence[str], counts: Sequence[int], skip: bool):
-    self._paths = list(paths)
+
+_STAGED = contextlib.ExitStack()  # local copies of remote data files, kept while the process runs
+_STAGED_COPIES: dict[str, str] = {}  # remote path -> its local copy
+_STAGED_BY = os.getpid()
+atexit.register(lambda: os.getpid() == _STAGED_BY and _STAGED.close())  # not in forked workers
+
+
+def stage(paths: Sequence[str]) -> list[str]:
+  """Local paths for `paths`: each remote file is downloaded once per process
+  (`fileio.local_copy`) and kept until the process exits; local paths are returned as they are."""
+  for p in paths:
+    if fileio.is_remote(p) and p not in _STAGED_COPIES:
+      _STAGED_COPIES[p] = _STAGED.enter_context(fileio.local_copy(p))
+  return [_STAGED_COPIES.get(p, p) for p in paths]
+
+
+class _MultiFile:
+  """Random access over the records of several files, indexed by a global record number.
+
+  `_paths` are the (local, maybe staged) files read, `_names` the paths errors and `_where` give."""
+
+  def __init__(self, paths: Sequence[str], names: Sequence[str], counts: Sequence[int],
+               skip: bool):
+    self._paths, self._names = list(paths), list(names)
     self._ends = np.cumsum(np.asarray(counts, np.int64))
     self._skip = skip
 
@@ -154,8 +187,9 @@ class JsonlSource(_MultiFile):
   def __init__(self, paths: Sequence[str], skip: bool = False):
     self._buffers, self._index = [], []
     counts = []
-    for p in paths:
-      buf = self._load(p) if p.endswith(".gz") else None
+    names, paths = list(paths), stage(paths)
+    for p, name in zip(paths, names):
+      buf = self._load(p, name) if name.endswith(".gz") else None
       if buf is None:
         size = os.path.getsize(p)
         if size == 0:
@@ -168,19 +202,20 @@ class JsonlSource(_MultiFile):
       self._buffers.append(buf)
       self._index.append(idx)
       counts.append(len(idx[0]))
-    keep = _nonempty(paths, counts, skip, "JSON lines")
+    keep = _nonempty(names, counts, skip, "JSON lines")
     self._buffers = [self._buffers[i] for i in keep]
     self._index = [self._index[i] for i in keep]
-    super().__init__([paths[i] for i in keep], [counts[i] for i in keep], skip)
+    super().__init__([paths[i] for i in keep], [names[i] for i in keep],
+                     [counts[i] for i in keep], skip)
     self._fds, self._pid = {}, None
 
   @staticmethod
-  def _load(path: str) -> bytes:
+  def _load(path: str, name: str) -> bytes:
     try:
       with gzip.open(path, "rb") as f:
         return f.read()
     except (OSError, EOFError, zlib.error) as e:
-      raise DataError(path, f"not a valid gzip file ({e})") from e
+      raise DataError(name, f"not a valid gzip file ({e})") from e
 
   def _read(self, fi: int, start: int, end: int) -> bytes:
     buf = self._buffers[fi]
@@ -197,7 +232,7 @@ class JsonlSource(_MultiFile):
     fi, j = self._locate(int(index))
     starts, ends, lines = self._index[fi]
     raw = self._read(fi, int(starts[j]), int(ends[j]))
-    return parse_json_record(raw, f"{self._paths[fi]}:{int(lines[j])}", self._skip)
+    return parse_json_record(raw, f"{self._names[fi]}:{int(lines[j])}", self._skip)
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -211,13 +246,15 @@ class ParquetSource(_MultiFile):
   def __init__(self, paths: Sequence[str], skip: bool = False):
     import pyarrow.parquet as pq
     counts = []
-    for p in paths:
+    names, paths = list(paths), stage(paths)
+    for p, name in zip(paths, names):
       try:
         counts.append(pq.ParquetFile(p).metadata.num_rows)
       except Exception as e:  # pyarrow raises ArrowInvalid / OSError on non-parquet bytes
-        raise DataError(p, f"not a readable Parquet file ({e})") from e
-    keep = _nonempty(paths, counts, skip, "rows")
-    super().__init__([paths[i] for i in keep], [counts[i] for i in keep], skip)
+        raise DataError(name, f"not a readable Parquet file ({e})") from e
+    keep = _nonempty(names, counts, skip, "rows")
+    super().__init__([paths[i] for i in keep], [names[i] for i in keep],
+                     [counts[i] for i in keep], skip)
     self._tables: dict[int, Any] = {}
     self._lock = threading.Lock()
 
@@ -231,13 +268,13 @@ class ParquetSource(_MultiFile):
           try:
             table = self._tables[fi] = pq.read_table(self._paths[fi])
           except Exception as e:
-            raise DataError(self._paths[fi], f"cannot read Parquet data ({e})") from e
+            raise DataError(self._names[fi], f"cannot read Parquet data ({e})") from e
     return table
 
   def __getitem__(self, index: int) -> dict:
     fi, j = self._locate(int(index))
     row = self._table(fi).slice(j, 1).to_pylist()[0]
-    row[WHERE] = f"{self._paths[fi]}:row {j + 1}"
+    row[WHERE] = f"{self._names[fi]}:row {j + 1}"
     return row
 
   def __getstate__(self):
@@ -255,34 +292,36 @@ class ArrayRecordSource(_MultiFile):
 
   def __init__(self, paths: Sequence[str], skip: bool = False):
     counts = []
-    for p in paths:
-      reader = self._open(p)
+    names, paths = list(paths), stage(paths)
+    for p, name in zip(paths, names):
+      reader = self._open(p, name)
       try:
         counts.append(reader.num_records())
         reader.close()
       except Exception as e:  # some corruptions only surface here
-        raise DataError(p, f"not a readable ArrayRecord file ({e})") from e
-    keep = _nonempty(paths, counts, skip, "records")
-    super().__init__([paths[i] for i in keep], [counts[i] for i in keep], skip)
+        raise DataError(name, f"not a readable ArrayRecord file ({e})") from e
+    keep = _nonempty(names, counts, skip, "records")
+    super().__init__([paths[i] for i in keep], [names[i] for i in keep],
+                     [counts[i] for i in keep], skip)
     self._readers: dict[int, Any] = {}
     self._lock = threading.Lock()
 
   @staticmethod
-  def _open(path: str):
+  def _open(path: str, name: str):
     from array_record.python import array_record_module as arm
     try:
       return arm.ArrayRecordReader(path, options="readahead_buffer_size:0")
     except Exception as e:  # the reader raises RuntimeError/ValueError on foreign bytes
-      raise DataError(path, f"not a readable ArrayRecord file ({e})") from e
+      raise DataError(name, f"not a readable ArrayRecord file ({e})") from e
 
   def __getitem__(self, index: int) -> dict:
     fi, j = self._locate(int(index))
     with self._lock:  # one reader per file, shared by reader threads
       reader = self._readers.get(fi)
       if reader is None:
-        reader = self._readers[fi] = self._open(self._paths[fi])
+        reader = self._readers[fi] = self._open(self._paths[fi], self._names[fi])
       raw = reader.read([j])[0]
-    return parse_json_record(raw, f"{self._paths[fi]}:record {j + 1}", self._skip)
+    return parse_json_record(raw, f"{self._names[fi]}:record {j + 1}", self._skip)
 
   def __getstate__(self):
     state = self.__dict__.copy()

@@ -6,7 +6,7 @@ BOS when asked for special tokens (HF's `tokenizer(text)`), read from `tokenizer
 `add_bos_token` when the directory has one, else from tokenizer.json's post-processor (a BOS in
 its single-sequence template); a bare SentencePiece model follows HF's LlamaTokenizer (True).
 `load_tokenizer(spec)` takes "byte", a `tokenizer.json` path, a SentencePiece `.model` path, or a
-directory holding either.
+directory holding either; paths may be local or gs:// (a remote file is parsed from a local copy).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Protocol, Sequence
+
+from lora_jax import fileio
 
 
 class Tokenizer(Protocol):
@@ -51,7 +53,8 @@ class HFTokenizer:
     from tokenizers import Tokenizer as _Tok
     self.name = path
     try:
-      self._tok = _Tok.from_file(path)
+      with fileio.local_copy(path) as local:  # gs://: read once from a staged copy
+        self._tok = _Tok.from_file(local)
     except Exception as e:  # tokenizers raises a bare Exception on parse errors
       raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -91,7 +94,8 @@ class SentencePieceTokenizer:
     self.name = path
     self._sp = spm.SentencePieceProcessor()
     try:
-      self._sp.Load(path)
+      with fileio.local_copy(path) as local:
+        self._sp.Load(local)
     except Exception as e:
       raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from e
     self.vocab_size = self._sp.GetPieceSize()
@@ -110,10 +114,9 @@ class SentencePieceTokenizer:
 
 def _special_tokens_from_dir(d: str) -> dict:
   out = {}
-  p = os.path.join(d, "tokenizer_config.json") if d else ""
-  if p and os.path.exists(p):
-    with open(p) as f:
-      cfg = json.load(f)
+  p = fileio.join(d, "tokenizer_config.json") if d else ""
+  if p and fileio.exists(p):
+    cfg = json.loads(fileio.read_text(p))
     for k in ("bos_token", "eos_token", "pad_token"):
       v = cfg.get(k)
       out[k] = v.get("content") if isinstance(v, dict) else v
@@ -126,12 +129,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
   """"byte", a tokenizer.json, a SentencePiece .model, or a directory containing one of them."""
   if spec in ("byte", "", None):
     return ByteTokenizer()
-  if os.path.isdir(spec):
+  if fileio.isdir(spec):
     for name in ("tokenizer.json", "tokenizer.model"):
-      if os.path.exists(os.path.join(spec, name)):
-        return load_tokenizer(os.path.join(spec, name))
+      if fileio.exists(fileio.join(spec, name)):
+        return load_tokenizer(fileio.join(spec, name))
     raise FileNotFoundError(f"{spec}: directory has no tokenizer.json or tokenizer.model")
-  if not os.path.exists(spec):
+  if not fileio.exists(spec):
     raise FileNotFoundError(f"tokenizer {spec!r}: no such file (expected 'byte', a "
                             "tokenizer.json, a SentencePiece .model, or a directory with one)")
   if spec.endswith(".json"):

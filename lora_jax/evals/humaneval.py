@@ -20,7 +20,7 @@ import json
 import os
 from typing import Callable, Iterable, Mapping, Sequence
 
-from lora_jax import sandbox
+from lora_jax import fileio, sandbox
 from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 from lora_jax.evals import diversity, passk, results, task_data
 from lora_jax.fileio import atomic_write_json
@@ -55,7 +55,7 @@ def default_problems_path() -> str:
 def load_problems(path: str | None = None, *, limit: int | None = None) -> list[dict]:
   """Problems in file order; `limit` keeps the first `limit`. Errors name the file and line."""
   path = path or default_problems_path()
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"HumanEval problems file not found: {path}. Expected {FORMAT}")
   try:
     rows = task_data.read_rows(path, allow_empty=True)
@@ -144,34 +144,33 @@ def summarize(rows: Sequence[Mapping], *, ks: Iterable[int] = DEFAULT_KS,
 def write_outputs(out_dir: str, rows: Sequence[Mapping], entries: Sequence[Mapping]) -> dict:
   """Atomically writes samples_humaneval.jsonl (the per-sample rows, named like every task's in
   evals/results.py) and humaneval_results.json (these entries); returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   paths = {"samples": results.write_samples(out_dir, TASK, rows),
-           "results": os.path.join(out_dir, "humaneval_results.json")}
+           "results": fileio.join(out_dir, "humaneval_results.json")}
   atomic_write_json(paths["results"], list(entries))
   return paths
 
 
 def load_samples(path: str) -> list[dict]:
   """Rows with `task_id` and `completion` (e.g. a samples_humaneval.jsonl) in file order."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"samples file not found: {path}. Expected jsonl rows with string "
                             "fields task_id and completion")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{path}:{lineno}", f"bad JSON ({e})") from None
-      if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
-                                              for k in ("task_id", "completion")):
-        raise DataError(f"{path}:{lineno}", "expected an object with string task_id, completion")
-      surrogate = lone_surrogate(line, row)
-      if surrogate:
-        raise DataError(f"{path}:{lineno}", surrogate)
-      rows.append(row)
+  for lineno, line in enumerate(task_data.text_lines(fileio.read_bytes(path)), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise DataError(f"{path}:{lineno}", f"bad JSON ({e})") from None
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                            for k in ("task_id", "completion")):
+      raise DataError(f"{path}:{lineno}", "expected an object with string task_id, completion")
+    surrogate = lone_surrogate(line, row)
+    if surrogate:
+      raise DataError(f"{path}:{lineno}", surrogate)
+    rows.append(row)
   return rows
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Iterable, Mapping, Sequence
 
+from lora_jax import fileio
 from lora_jax.fileio import atomic_write_json, atomic_write_text, dumps
 
 FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")
@@ -80,23 +80,22 @@ def build_results(entries: Sequence[Mapping], *, model: str, adapter: str | None
 
 
 def write_results(out_dir: str, results: Mapping) -> str:
-  path = os.path.join(out_dir, RESULTS_FILE)
+  path = fileio.join(out_dir, RESULTS_FILE)
   atomic_write_json(path, results, indent=2)
   return path
 
 
 def write_samples(out_dir: str, task: str, rows: Iterable[Mapping]) -> str:
-  path = os.path.join(out_dir, f"samples_{task}.jsonl")
+  path = fileio.join(out_dir, f"samples_{task}.jsonl")
   atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
   return path
 
 
 def read_results(path: str) -> dict:
   """A results JSON (a file, or a directory holding results.json), checked for the contract keys."""
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILE)
-  with open(path, encoding="utf-8") as f:
-    obj = json.load(f)
+  if fileio.isdir(path):
+    path = fileio.join(path, RESULTS_FILE)
+  obj = json.loads(fileio.read_bytes(path).decode("utf-8"))
   for key in ("model", "results", "headline"):
     if key not in obj:
       raise ValueError(f"{path}: not a lora-jax results file (missing {key!r})")

@@ -12,15 +12,18 @@
 Row formats (HF datasets exports, or the MosaicML Gauntlet's local jsonl) are in `FORMATS`.
 Each `.jsonl` may instead be `.jsonl.gz` or `.parquet` (same stem). Without a few-shot file, shots
 are drawn from the eval split itself, never the example being scored (the Gauntlet's rule).
+`--data-dir` may be gs://...: files are found and read whole through `fileio` (eval files are
+small).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
-import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from lora_jax import fileio
 from lora_jax.data.errors import DataError, describe_type, lone_surrogate
 
 FORMATS = {
@@ -66,9 +69,9 @@ def find_file(data_dir: str | None, rel: str) -> str | None:
   """The existing file for `rel` under `data_dir`, trying .jsonl / .jsonl.gz / .parquet."""
   if not data_dir:
     return None
-  stem = os.path.join(data_dir, _stem(rel))
+  stem = fileio.join(data_dir, _stem(rel))
   for ext in (rel[len(_stem(rel)):],) + _ALTERNATES:
-    if os.path.isfile(stem + ext):
+    if fileio.isfile(stem + ext):
       return stem + ext
   return None
 
@@ -79,47 +82,54 @@ def fewshot_file(data_dir: str | None, task: str) -> str | None:
 
 
 def missing_message(data_dir: str | None, task: str, rel: str) -> str:
-  where = os.path.join(data_dir or "<--data-dir>", rel)
+  where = fileio.join(data_dir or "<--data-dir>", rel)
   return (f"{task}: data file not found: expected {where} (or the same stem with .jsonl, "
           f".jsonl.gz or .parquet). Format: {FORMATS[task]}")
 
 
 def read_rows(path: str, *, allow_empty: bool = False) -> list[dict[str, Any]]:
   """Rows of a .jsonl, .jsonl.gz or .parquet file; each has `_where` ("file:line", "file:row N")."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"{path}: file not found")
+  data = fileio.read_bytes(path)  # local or gs://; eval files are small
   if path.endswith(".parquet"):
+    import pyarrow as pa
     import pyarrow.parquet as pq
     try:
-      table = pq.read_table(path)
+      table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for a bad file
       raise DataError(path, f"not a readable Parquet file ({e})") from None
     rows = table.to_pylist()
     for i, r in enumerate(rows):
       r["_where"] = f"{path}:row {i}"
     return rows
-  with open(path, "rb") as f:
-    gz = f.read(2) == b"\x1f\x8b"
   rows = []
-  with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(where, f"bad JSON ({e})") from None
-      if not isinstance(row, dict):
-        raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
-      surrogate = lone_surrogate(line, row)
-      if surrogate:
-        raise DataError(where, surrogate)
-      row["_where"] = where
-      rows.append(row)
+  for lineno, line in enumerate(text_lines(data), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise DataError(where, f"bad JSON ({e})") from None
+    if not isinstance(row, dict):
+      raise DataError(where, f"expected a JSON object, got {describe_type(row)}")
+    surrogate = lone_surrogate(line, row)
+    if surrogate:
+      raise DataError(where, surrogate)
+    row["_where"] = where
+    rows.append(row)
   if not rows and not allow_empty:
     raise DataError(path, "file has no rows")
   return rows
+
+
+def text_lines(data: bytes) -> Iterator[str]:
+  """The lines of UTF-8 (optionally gzip-compressed) file contents, as a text-mode file yields
+  them (universal newlines, so line numbers match an editor's)."""
+  if data[:2] == b"\x1f\x8b":
+    data = gzip.decompress(data)
+  return iter(io.StringIO(data.decode("utf-8"), newline=None))
 
 
 def field(row: dict, key: str, kind: type | tuple = str, fmt: str = "") -> Any:

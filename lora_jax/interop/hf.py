@@ -2,7 +2,9 @@
 
 HF stores linear weights [out, in]; Linen kernels are [in, out]. Everything else (embedding,
 norm scales) has the same layout. Tensors are read one at a time with `safetensors.safe_open`, so
-loading never holds a second full copy of the model.
+loading never holds a second full copy of the model. A remote directory (gs://...) is staged into
+a local temp dir once (`fileio.local_copy`, safe_open needs a local file) and removed with the
+HFTensors that read it; save_hf writes a remote `path` through `fileio.atomic_dir`.
 
   load_hf(path, dtype=None) -> (LlamaConfig, params)
   save_hf(path, config, params, max_shard_bytes=5 GiB, lora_config=None)
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -24,6 +27,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from lora_jax import fileio
 from lora_jax.config import LlamaConfig
 from lora_jax.fileio import atomic_dir, listed, read_json, write_json
 
@@ -131,6 +135,18 @@ def read_tensor(file: str, key: str) -> np.ndarray:
       raise ValueError(f"{file}: cannot read tensor {key!r}: {e}") from None
 
 
+@contextlib.contextmanager
+def renamed(local: str, shown: str):
+  """Errors (OSError, ValueError) about the staged copy `local` name `shown`, the remote original.
+  Only the plain types are rewritten (a subclass may take other constructor arguments)."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    if local == shown or type(e) not in (OSError, FileNotFoundError, ValueError):
+      raise
+    raise type(e)(str(e).replace(local, shown)) from None
+
+
 class HFTensors(Mapping):
   """Lazy, read-only view of an HF checkpoint directory's tensors.
 
@@ -141,28 +157,37 @@ class HFTensors(Mapping):
   """
 
   def __init__(self, path: str):
-    self.directory = os.path.abspath(path)
-    if not os.path.isdir(self.directory):
+    self.directory = fileio.abspath(path)
+    if not fileio.isdir(self.directory):
       raise FileNotFoundError(f"{self.directory}: HF checkpoint directory not found")
-    config_file = os.path.join(self.directory, CONFIG_FILE)
+    self._local = self.directory
+    if fileio.is_remote(self.directory):  # safe_open needs a local file: stage the dir once
+      stage = contextlib.ExitStack()
+      self._local = stage.enter_context(fileio.local_copy(self.directory))
+      weakref.finalize(self, stage.close)
+    with renamed(self._local, self.directory):
+      self._open()
+
+  def _open(self) -> None:
+    config_file = os.path.join(self._local, CONFIG_FILE)
     self.hf_config = read_json(config_file, "HF config") if os.path.isfile(config_file) else None
     self.index_file = None
-    # hf key -> (file, dtype tag, HF shape)
+    # hf key -> (local file, dtype tag, HF shape)
     self._entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-    index = os.path.join(self.directory, INDEX_FILE)
-    single = os.path.join(self.directory, SINGLE_FILE)
+    index = os.path.join(self._local, INDEX_FILE)
+    single = os.path.join(self._local, SINGLE_FILE)
     if os.path.isfile(index):
-      self.index_file = index
+      self.index_file = fileio.join(self.directory, INDEX_FILE)
       self._read_index(index)
     elif os.path.isfile(single):
       for k, (dt, shape) in read_header(single).items():
         self._entries[k] = (single, dt, shape)
     else:
       hint = ""
-      if any(n.endswith(".bin") for n in os.listdir(self.directory)):
+      if any(n.endswith(".bin") for n in os.listdir(self._local)):
         hint = (" (found PyTorch .bin weights; re-save them with "
                 "`model.save_pretrained(dir, safe_serialization=True)`)")
-      raise FileNotFoundError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+      raise FileNotFoundError(f"{self._local}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
     self._paths: dict[tuple[str, ...], str] = {}
     self.ignored_keys: list[str] = []
     self.unknown_keys: list[str] = []
@@ -181,7 +206,7 @@ class HFTensors(Mapping):
       raise ValueError(f"{index}: missing or invalid key 'weight_map'")
     headers, errors = {}, []
     for name in sorted(set(weight_map.values())):
-      file = os.path.join(self.directory, str(name))
+      file = os.path.join(self._local, str(name))
       if not os.path.isfile(file):
         errors.append(f"shard {name} listed in the index does not exist")
         continue
@@ -192,7 +217,7 @@ class HFTensors(Mapping):
       if k not in headers[name]:
         errors.append(f"{k}: listed in the index under {name} but absent from that file")
         continue
-      self._entries[k] = (os.path.join(self.directory, name),) + headers[name][k]
+      self._entries[k] = (os.path.join(self._local, name),) + headers[name][k]
     if errors:
       raise ValueError(f"{index}: inconsistent sharded checkpoint:{listed(errors)}")
 
@@ -208,8 +233,8 @@ class HFTensors(Mapping):
 
   def __getitem__(self, key) -> np.ndarray:
     k = self._hf_key(key)
-    file = self._entries[k][0]
-    arr = read_tensor(file, k)
+    with renamed(self._local, self.directory):
+      arr = read_tensor(self._entries[k][0], k)
     path = hf_key_to_path(k)
     return arr.T if path is not None and is_transposed(path) else arr
 
@@ -227,7 +252,9 @@ class HFTensors(Mapping):
       return False
 
   def file_of(self, key) -> str:
-    return self._entries[self._hf_key(key)][0]
+    """The file (in `directory`, local or remote) that holds a tensor."""
+    local = self._entries[self._hf_key(key)][0]
+    return fileio.join(self.directory, os.path.relpath(local, self._local))
 
   def hf_key(self, key) -> str:
     return self._hf_key(key)
@@ -244,7 +271,7 @@ class HFTensors(Mapping):
   @property
   def config(self) -> LlamaConfig | None:
     return None if self.hf_config is None else config_from_hf_dict(
-        self.hf_config, os.path.join(self.directory, CONFIG_FILE))
+        self.hf_config, fileio.join(self.directory, CONFIG_FILE))
 
 
 def open_hf_tensors(path: str) -> HFTensors:
@@ -292,10 +319,10 @@ def load_hf(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict]:
   """
   tensors = open_hf_tensors(path)
   if tensors.hf_config is None:
-    raise FileNotFoundError(f"{os.path.join(tensors.directory, CONFIG_FILE)}: HF config not found")
+    raise FileNotFoundError(f"{fileio.join(tensors.directory, CONFIG_FILE)}: HF config not found")
   config = tensors.config
   expected = _expected_shapes(config)
-  where = tensors.index_file or os.path.join(tensors.directory, SINGLE_FILE)
+  where = tensors.index_file or fileio.join(tensors.directory, SINGLE_FILE)
   tied_head = ("lm_head", "kernel") if config.tie_word_embeddings and (
       ("lm_head", "kernel") in tensors) else None
   missing = [path_to_hf_key(p) for p in expected if p not in tensors]
@@ -427,4 +454,4 @@ def save_hf(path: str, config: LlamaConfig, params: Mapping,
           "metadata": {"total_size": sum(s for _, s in sizes),
                        "total_parameters": sum(int(np.prod(flat[p].shape)) for p in order)},
           "weight_map": dict(sorted(weight_map.items()))})
-  return os.path.abspath(path)
+  return fileio.abspath(path)

@@ -8,7 +8,7 @@ A lora-jax checkpoint is a directory holding
 
 `load_model(path, adapter=None)` detects the kind of directory: an HF dir (`config.json`), a
 lora-jax checkpoint (`lora_jax.json`) or a PEFT adapter (`adapter_config.json`, whose base comes
-from its `base_model_name_or_path` when that is a local dir).
+from its `base_model_name_or_path` when that is a directory, local or gs://).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import fileio
 from lora_jax.config import LlamaConfig
 from lora_jax.fileio import atomic_dir, read_json, write_json
 from lora_jax.lora import LoraConfig
@@ -71,12 +72,12 @@ def save_checkpoint(path: str, config: LlamaConfig, params: Mapping,
     with _checkpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(dict(params)))
     write_json(os.path.join(tmp, META_FILE), meta)  # last: its presence marks a complete dir
-  return os.path.abspath(path)
+  return fileio.abspath(path)
 
 
 def read_checkpoint_info(path: str) -> dict:
   """The validated `lora_jax.json` of a checkpoint dir."""
-  file = os.path.join(os.path.abspath(path), META_FILE)
+  file = fileio.join(fileio.abspath(path), META_FILE)
   meta = read_json(file, "lora-jax checkpoint metadata")
   if meta.get("format") != FORMAT:
     raise ValueError(f"{file}: key 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
@@ -95,17 +96,18 @@ def load_checkpoint(path: str, dtype: Any = None) -> tuple[LlamaConfig, dict, Lo
   Params are numpy arrays in host memory (place them with `jax.device_put` or a sharding);
   `dtype` casts them on restore (None keeps the saved dtypes) and sets `config.param_dtype`.
   """
-  directory = os.path.abspath(path)
-  file = os.path.join(directory, META_FILE)
+  directory = fileio.abspath(path)
+  file = fileio.join(directory, META_FILE)
   meta = read_checkpoint_info(directory)
   config = _config_from_json(LlamaConfig, meta["model"], file, "model")
   lora = None if meta.get("lora") is None else _config_from_json(
       LoraConfig, meta["lora"], file, "lora")
-  params_dir = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(params_dir):
+  params_dir = fileio.join(directory, PARAMS_DIR)
+  if not fileio.isdir(params_dir):
     raise FileNotFoundError(f"{params_dir}: params directory of the checkpoint not found")
-  with _checkpointer() as checkpointer:
-    tree = _restore(checkpointer, params_dir, dtype)
+  # A remote checkpoint is staged locally once (read whole anyway); errors name the remote dir.
+  with fileio.local_copy(params_dir) as local, _checkpointer() as checkpointer:
+    tree = _restore(checkpointer, local, dtype, shown=params_dir)
   params = jax.tree.map(np.asarray, tree)
   _check_against_config(config, lora, params, file)
   leaf = params["embed_tokens"]["embedding"]
@@ -118,8 +120,8 @@ def _checkpointer():
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
-def _restore(checkpointer, params_dir: str, dtype: Any) -> dict:
-  bad = f"{params_dir}: cannot restore the checkpoint params (corrupt or incomplete?)"
+def _restore(checkpointer, params_dir: str, dtype: Any, shown: str) -> dict:
+  bad = f"{shown}: cannot restore the checkpoint params (corrupt or incomplete?)"
   try:
     meta = checkpointer.metadata(params_dir)
   except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files
@@ -156,13 +158,13 @@ def _check_against_config(config, lora, params, file) -> None:
 # --------------------------------------------------------------------------- any directory
 def detect_format(path: str) -> str:
   """"hf", "lora-jax" or "peft" for a model directory; ValueError otherwise."""
-  directory = os.path.abspath(path)
-  if not os.path.isdir(directory):
+  directory = fileio.abspath(path)
+  if not fileio.isdir(directory):
     raise FileNotFoundError(f"{directory}: model directory not found")
   from lora_jax.interop import hf, peft
   for marker, kind in ((META_FILE, "lora-jax"), (peft.ADAPTER_CONFIG, "peft"),
                        (hf.CONFIG_FILE, "hf")):
-    if os.path.isfile(os.path.join(directory, marker)):
+    if fileio.isfile(fileio.join(directory, marker)):
       return kind
   raise ValueError(f"{directory}: not a model directory (no {META_FILE}, "
                    f"{peft.ADAPTER_CONFIG} or {hf.CONFIG_FILE})")
@@ -174,7 +176,8 @@ def load_model(path: str, adapter: str | None = None,
 
   With `adapter=`, `path` is the base (HF dir or lora-jax checkpoint without LoRA) and `adapter`
   a PEFT adapter dir. A PEFT dir given as `path` uses `base_model_name_or_path` from its
-  `adapter_config.json` when that is a local directory. Returns (config, params, lora or None).
+  `adapter_config.json` when that is a directory (local or gs://). Returns (config, params,
+  lora or None).
   """
   from lora_jax.interop import hf, peft
   kind = detect_format(path)
@@ -182,12 +185,14 @@ def load_model(path: str, adapter: str | None = None,
     if adapter is not None:
       raise ValueError(f"{path} is a PEFT adapter; pass the base model as path and the adapter "
                        "as adapter=")
-    file = os.path.join(os.path.abspath(path), peft.ADAPTER_CONFIG)
+    file = fileio.join(fileio.abspath(path), peft.ADAPTER_CONFIG)
     base = read_json(file, "PEFT adapter config").get("base_model_name_or_path")
-    if not base or not os.path.isdir(os.path.expanduser(str(base))):
-      raise ValueError(f"{file}: base_model_name_or_path={base!r} is not a local directory; "
+    base = base and (str(base) if fileio.is_remote(str(base)) else os.path.expanduser(str(base)))
+    if not base or not fileio.isdir(base):
+      raise ValueError(f"{file}: base_model_name_or_path={base!r} is not a local directory "
+                       "or a gs:// one; "
                        f"pass the base explicitly: load_model(BASE_DIR, adapter={path!r})")
-    return load_model(os.path.expanduser(str(base)), adapter=path, dtype=dtype)
+    return load_model(base, adapter=path, dtype=dtype)
   if kind == "hf":
     config, params = hf.load_hf(path, dtype=dtype)
     lora = None

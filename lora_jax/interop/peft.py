@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lora_jax import fileio
 from lora_jax.config import LlamaConfig
 from lora_jax.fileio import atomic_dir, listed, read_json, write_json
-from lora_jax.interop.hf import SUPPORTED_DTYPES, read_header, read_tensor
+from lora_jax.interop.hf import SUPPORTED_DTYPES, read_header, read_tensor, renamed
 from lora_jax.lora import (ALL_MODULES, ATTENTION_MODULES, LORA_LEAVES, MLP_MODULES,
                            LoraConfig)
 
@@ -140,7 +141,7 @@ def save_peft(path: str, config: LlamaConfig, lora_config: LoraConfig, params: M
     write_json(os.path.join(tmp, ADAPTER_CONFIG),
                adapter_config_dict(lora_config, base_model_name_or_path))
     save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-  return os.path.abspath(path)
+  return fileio.abspath(path)
 
 
 # --------------------------------------------------------------------------- loading
@@ -198,7 +199,7 @@ def _resolve_targets(targets: Any, num_layers: int, file: str) -> tuple[str, ...
 
 def read_adapter_config(path: str, num_layers: int) -> LoraConfig:
   """Validates `adapter_config.json` and returns the equivalent LoraConfig."""
-  file = os.path.join(os.path.abspath(path), ADAPTER_CONFIG)
+  file = fileio.join(fileio.abspath(path), ADAPTER_CONFIG)
   ac = read_json(file, "PEFT adapter config")
   problems = []
   if ac.get("peft_type") != "LORA":
@@ -238,13 +239,22 @@ def load_peft(path: str, config: LlamaConfig, params: Mapping,
   `dtype` casts the adapter (None keeps the file's dtype; base params are never touched). The
   LoRA leaves are host numpy arrays, like `load_hf`'s.
   """
-  directory = os.path.abspath(path)
+  directory = fileio.abspath(path)
   lora = read_adapter_config(directory, config.num_hidden_layers)
-  file = os.path.join(directory, ADAPTER_WEIGHTS)
-  if not os.path.isfile(file) and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-    raise FileNotFoundError(f"{file}: not found (only adapter_model.bin, a pickle; re-save with "
-                            "save_pretrained(..., safe_serialization=True))")
-  header = read_header(file)
+  file = fileio.join(directory, ADAPTER_WEIGHTS)
+  if not fileio.isfile(file):
+    if fileio.isfile(fileio.join(directory, "adapter_model.bin")):
+      raise FileNotFoundError(f"{file}: not found (only adapter_model.bin, a pickle; re-save with "
+                              "save_pretrained(..., safe_serialization=True))")
+    raise FileNotFoundError(f"{file}: file not found")
+  with fileio.local_copy(file) as local, renamed(local, file):  # safe_open needs a local file
+    return _fit_adapter(lora, local, file, config, params, dtype, directory)
+
+
+def _fit_adapter(lora: LoraConfig, local: str, file: str, config: LlamaConfig, params: Mapping,
+                 dtype: Any, directory: str) -> tuple[LoraConfig, dict]:
+  """load_peft's checks and reads of the weights file `file` (staged at `local`)."""
+  header = read_header(local)
   flat = traverse_util.flatten_dict(dict(params))
   if any(p[-1] in LORA_LEAVES for p in flat):
     raise ValueError(f"load_peft({directory}): params already hold LoRA leaves; pass base params")
@@ -290,7 +300,7 @@ def load_peft(path: str, config: LlamaConfig, params: Mapping,
   cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
   for canonical, key in by_path.items():
     layer, module, leaf = expected[canonical]
-    x = read_tensor(file, key).T
+    x = read_tensor(local, key).T
     flat[(f"layers_{layer}", _GROUP[module], module, leaf)] = np.ascontiguousarray(
         x if cast is None else x.astype(cast))
   return lora, traverse_util.unflatten_dict(flat)

@@ -17,7 +17,6 @@ S1-S8 drawn dashed in its color; `comparison` adds the table "this run vs the pa
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import matplotlib
@@ -25,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lora_jax import fileio  # noqa: E402
 from lora_jax.report import paper, paper_tables as pt, plots  # noqa: E402
 from lora_jax.report.runs import FORGETTING, Run  # noqa: E402
 
@@ -74,7 +74,7 @@ def fig_budget(runs: Sequence[Run], out: str, x_axis: str, target: str, quantity
   num, what = ("1", "Learning") if quantity == "learning" else ("2", "Forgetting")
   ax.set_title(f"Fig. {num}: {what} ({task}) against the training budget", fontsize=10)
   name = f"fig{num}_{quantity}_vs_budget"
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, f"{name}.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, f"{name}.png"))
   _figure(lines, name, f"Fig. {num}: {what.lower()} vs budget",
           "Solid: this report's runs at each evaluated checkpoint. Dashed: the paper's numbers "
           "for the setting a run matches (Tables S1-S8).")
@@ -110,7 +110,7 @@ def fig_learning_vs_forgetting(runs, out, x_axis, target, lines) -> None:
     plt.close(fig)
     return
   ax.set_title("Fig. 3: learning vs forgetting (★ = last checkpoint)", fontsize=10)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "fig3_learning_vs_forgetting.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "fig3_learning_vs_forgetting.png"))
   _figure(lines, "fig3_learning_vs_forgetting", "Fig. 3: learning vs forgetting",
           "Up is learning more, right is forgetting less; dashed: the paper's budgets.")
 
@@ -126,7 +126,7 @@ def fig_regularizers(runs, out, x_axis, target, lines) -> None:
     plt.close(fig)
     return
   ax.set_title("Fig. 4: LoRA vs full FT with weight decay / attention dropout", fontsize=10)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "fig4_regularizers.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "fig4_regularizers.png"))
   _figure(lines, "fig4_regularizers", "Fig. 4: LoRA vs regularized full finetuning",
           "Regularized runs: " + ", ".join(f"{r.label} ({paper.regularizer(r)})" for r in regs)
           + ". The paper: the regularizers learn and forget like full FT; LoRA forgets less.")
@@ -153,7 +153,7 @@ def fig_diversity(runs, out, lines) -> None:
   ax.set_title("Fig. 5: diversity of sampled HumanEval generations", fontsize=10)
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3, axis="y")
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "fig5_diversity.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "fig5_diversity.png"))
   _figure(lines, "fig5_diversity", "Fig. 5: unique generations",
           "Among each problem's sampled completions (the paper: 50 at T = 0.2), the number of "
           "distinct strings, for passing and failing samples separately.")
@@ -191,7 +191,7 @@ def fig_rank_across_budgets(runs, out, lines) -> None:
   axes[0][0].legend(fontsize=6)
   fig.suptitle(f"Fig. 6: rank needed to explain {p:.0%} of ΔW's variance, across budgets",
                fontsize=10)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "fig6_rank_across_budgets.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "fig6_rank_across_budgets.png"))
   _figure(lines, "fig6_rank_across_budgets", "Fig. 6: spectrum of ΔW across budgets",
           "The paper (full-FT code CPT, each budget after its cooldown): ΔW needs 10-100x "
           "typical LoRA ranks, more with more data, more in MLP modules.")
@@ -219,7 +219,7 @@ def fig_targets_ranks(runs, out, target, lines) -> None:
   ax.set_title("Fig. 7: LoRA target modules x ranks (last checkpoint)", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "fig7_targets_ranks.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "fig7_targets_ranks.png"))
   _figure(lines, "fig7_targets_ranks", "Fig. 7: targets x ranks",
           "The paper: all modules beat attention-only and MLP-only; rank matters less than "
           "targets.")
@@ -246,7 +246,7 @@ def fig_passk(runs, out, lines) -> None:
   ax.set_title("Fig. S9: pass@k (the paper: n = 256 samples at T = 0.8)", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  plots.save_figure(fig, os.path.join(out, FIG_DIR, "figS9_passk.png"))
+  plots.save_figure(fig, fileio.join(out, FIG_DIR, "figS9_passk.png"))
   _figure(lines, "figS9_passk", "Fig. S9: pass@k", "Unbiased pass@k estimates for k = 1..n.")
 
 

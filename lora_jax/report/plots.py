@@ -13,7 +13,6 @@ Each takes plain data so the demo and notebooks can call them with their own num
 from __future__ import annotations
 
 import io
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -23,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from lora_jax import fileio  # noqa: E402
 from lora_jax.fileio import atomic_write_bytes  # noqa: E402
 from lora_jax.analysis.spectra import explained_variance, normalized_spectrum  # noqa: E402
 
@@ -172,7 +172,7 @@ def plot_analysis(analysis, out_dir: str, random_spectrum: np.ndarray | None = N
   """Figures of one `analyze` result: rank_by_layer.png, spectra.png, intruders.png (if any)."""
   p = analysis.meta["variance"]
   paths = {"rank_by_layer": plot_rank_by_layer(
-      analysis.rank_by_layer("delta"), os.path.join(out_dir, "rank_by_layer.png"),
+      analysis.rank_by_layer("delta"), fileio.join(out_dir, "rank_by_layer.png"),
       title=f"Rank needed to explain {p:.0%} of the variance of ΔW",
       ylabel=f"rank@{p:.0%} of ΔW")}
   module = module or analysis.modules[0]
@@ -186,11 +186,11 @@ def plot_analysis(analysis, out_dir: str, random_spectrum: np.ndarray | None = N
     random_spectrum = analysis.spectra.get("random.A")
   if random_spectrum is not None:
     curves["random Gaussian"] = random_spectrum
-  paths["spectra"] = plot_spectra(curves, os.path.join(out_dir, "spectra.png"),
+  paths["spectra"] = plot_spectra(curves, fileio.join(out_dir, "spectra.png"),
                                   title=f"layer {layer} {module}", variance=p)
   if analysis.meta.get("intruders"):
     cfg = analysis.meta["intruders"]
     counts = {m: analysis.column(m, "intruders") for m in analysis.modules}
-    paths["intruders"] = plot_intruders_by_layer(counts, os.path.join(out_dir, "intruders.png"),
+    paths["intruders"] = plot_intruders_by_layer(counts, fileio.join(out_dir, "intruders.png"),
                                                  k=cfg["k"], eps=cfg["eps"])
   return paths

@@ -1,6 +1,6 @@
 """Reading run directories for reports.
 
-A run directory holds
+A run directory (a local path or gs://...) holds
   metrics.jsonl      training lines {"step", "tokens", "epoch", "loss", "lr", ...} and eval lines
                      {"step", "tokens", "epoch", "eval": {task: {metric: value}}}
   evals/*.json       optional, one per checkpoint (or evals/<name>/results.json, as `lora-jax
@@ -17,13 +17,13 @@ A run directory holds
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
+from lora_jax import fileio
 from lora_jax.analysis.analyze import Analysis
 from lora_jax.analysis.io import ANALYSIS_FILE, load_analysis
 
@@ -101,8 +101,7 @@ def with_forgetting(scores: dict[str, float]) -> dict[str, float]:
 def read_jsonl(path: str) -> list[dict]:
   """JSON lines; a truncated last line (a run still writing) is skipped, other bad lines raise."""
   out = []
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = fileio.read_text(path).splitlines()
   for i, line in enumerate(lines):
     if not line.strip():
       continue
@@ -162,17 +161,16 @@ def default_label(method, rank, targets) -> str | None:
 
 def load_run(path: str, label: str | None = None) -> Run:
   """Reads one run directory (see the module docstring); missing pieces are empty / None."""
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise FileNotFoundError(f"{path}: run directory not found")
   cfg: dict = {}
   for name in ("config.json", "run.json"):  # run.json's flat fields override
-    f = os.path.join(path, name)
-    if os.path.isfile(f):
-      with open(f) as fh:
-        cfg.update(json.load(fh))
+    f = fileio.join(path, name)
+    if fileio.isfile(f):
+      cfg.update(json.loads(fileio.read_text(f)))
   method, rank, targets, lr, cfg_label = _describe(cfg)
-  metrics_file = os.path.join(path, "metrics.jsonl")
-  lines = read_jsonl(metrics_file) if os.path.isfile(metrics_file) else []
+  metrics_file = fileio.join(path, "metrics.jsonl")
+  lines = read_jsonl(metrics_file) if fileio.isfile(metrics_file) else []
   train = [r for r in lines if "eval" not in r]
   epoch_at = {r["step"]: r.get("epoch") for r in lines if "step" in r and _num(r.get("epoch"))}
   tokens_at = {r["step"]: r.get("tokens") for r in lines if "step" in r and _num(r.get("tokens"))}
@@ -185,11 +183,8 @@ def load_run(path: str, label: str | None = None) -> Run:
                  for t, m in r["eval"].items() if isinstance(m, dict)}
       points[r.get("step")] = EvalPoint(r.get("step"), r.get("tokens"), r.get("epoch"),
                                         with_forgetting(scores), metrics)
-  eval_files = (glob.glob(os.path.join(path, "evals", "*.json"))
-                + glob.glob(os.path.join(path, "evals", "*", "results.json")))
-  for f in sorted(eval_files):
-    with open(f) as fh:
-      p = _eval_json_point(json.load(fh))
+  for f in eval_files(path):
+    p = _eval_json_point(json.loads(fileio.read_text(f)))
     old = points.get(p.step)
     if old is not None:  # union of tasks; the eval JSON's values win
       p = EvalPoint(p.step, p.tokens if p.tokens is not None else old.tokens,
@@ -211,12 +206,30 @@ def load_run(path: str, label: str | None = None) -> Run:
   evals.sort(key=lambda e: (e.step if e.step is not None else -1, e.tokens or 0))
 
   analysis = None
-  adir = os.path.join(path, "analysis")
-  if os.path.isfile(os.path.join(adir, ANALYSIS_FILE)):
+  adir = fileio.join(path, "analysis")
+  if fileio.isfile(fileio.join(adir, ANALYSIS_FILE)):
     analysis = load_analysis(adir)
   label = label or cfg_label or default_label(method, rank, targets) or os.path.basename(
       os.path.normpath(path))
   return Run(path, label, method, rank, targets, lr, train, evals, analysis, cfg)
+
+
+def eval_files(path: str) -> list[str]:
+  """evals/*.json and evals/*/results.json of a run dir (local or gs://), sorted; like glob, names
+  starting with "." are skipped."""
+  evals = fileio.join(path, "evals")
+  if not fileio.isdir(evals):
+    return []
+  files = []
+  for name in fileio.listdir(evals):
+    if name.startswith("."):
+      continue
+    f = fileio.join(evals, name)
+    if name.endswith(".json") and fileio.isfile(f):
+      files.append(f)
+    elif fileio.isfile(fileio.join(f, "results.json")):
+      files.append(fileio.join(f, "results.json"))
+  return sorted(files)
 
 
 def load_runs(paths: Iterable[str]) -> list[Run]:
