@@ -130,6 +130,22 @@ def test_example_batches_mask_only_responses_and_resume_exactly():
   assert np.all(lm[b["segment_ids"] == 0] == 0)
 
 
+def test_finetune_rows_without_padding_hold_the_same_samples():
+  """The demo finetunes on rows of 52 tokens (4 whole target samples) instead of 64: the batches
+  carry the same samples in the same rows, only the padding goes."""
+  tok = ByteTokenizer()
+  exs = TargetDomain(0).train_set(500, seed=0)
+  assert {len(encode_example(e, tok)[0]) for e in exs} == {13}
+  a = ExampleBatches(exs, tok, seq_len=64, batch_size=8, seed=2)
+  b = ExampleBatches(exs, tok, seq_len=52, batch_size=8, seed=2)
+  assert a.batches_per_epoch == b.batches_per_epoch
+  for _ in range(a.batches_per_epoch + 1):
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x["tokens"][:, :52], y["tokens"])
+    np.testing.assert_array_equal(x["loss_mask"][:, :52], y["loss_mask"])
+    assert not x["segment_ids"][:, 52:].any()  # the cut columns were padding
+
+
 # --------------------------------------------------------------------------- verdict
 def _run(rank, curve, targets="all", delta=None, weight_decay=0.0, attention_dropout=0.0):
   label = "full FT" if rank == 0 else f"LoRA r={rank}"

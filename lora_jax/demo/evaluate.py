@@ -81,8 +81,9 @@ class DemoEvaluator:
              n: int, temperature: float, top_p: float, seed: int) -> list[list[str]]:
     """`n` sampled completions per prompt of `examples` (through `generate`, as HumanEval's
     pass@1 samples are drawn), for the diversity count."""
+    # n rows per prompt: batches of several prompts' samples (fewer, larger device calls)
     generate = make_generate_fn(self.config, self._merged(params, lora_config), None,
-                                self.tokenizer, batch_size=self.batch_size)
+                                self.tokenizer, batch_size=max(self.batch_size, 4 * n))
     return generate([ex.prompt for ex in examples], n=n, temperature=temperature, top_p=top_p,
                     max_new_tokens=self.max_new_tokens, seed=seed)
 

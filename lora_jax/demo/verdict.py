@@ -268,8 +268,16 @@ def finding_e(results: dict) -> dict:
     margins.append(mean / se)
   margin = min(margins)
   below = f["unique_mean"] < base["unique_mean"]
-  text += (f"; full FT is {'below' if below else 'not below'} the base; margin: smallest paired "
-           f"gap {margin:.1f} SE (needs > {Z:g})")
+  above_base = [r["label"] for r in low if div[r["name"]]["unique_mean"] > base["unique_mean"]]
+  text += f"; full FT is {'below' if below else 'not below'} the base"
+  if above_base:
+    text += f", {', '.join(above_base)} above it (not between full FT and the base)"
+  lo_cf = [div[r["name"]]["correct_fraction"] for r in low]
+  if f["correct_fraction"] - max(lo_cf) > 0.2:
+    text += (f"; full FT's samples are {f['correct_fraction']:.2f} correct vs LoRA's "
+             f"{min(lo_cf):.2f}-{max(lo_cf):.2f}: with one right answer per prompt, much of its "
+             "collapse is learning more (as in (b))")
+  text += f"; margin: smallest paired gap {margin:.1f} SE (needs > {Z:g})"
   return {"status": HOLDS if margin > Z else FAILS, "text": text, "margin_se": margin}
 
 
