@@ -89,8 +89,8 @@ class DemoSettings:
   target_train: int = 8000
   target_digits: int = 3
   target_per_position: bool = True
-  finetune_steps: int = 200
-  eval_every: int = 40
+  finetune_steps: int = 250
+  eval_every: int = 50
   # Peak LRs tried per method; the one with the lowest final target validation loss is kept
   # (the paper's protocol). LoRA's grid runs at `grid_rank` on all modules; the other LoRA runs
   # use the LR it selects.

@@ -260,8 +260,10 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
   lines += ["## Timing", "",
             f"Total {t['total']['wall_s']:.0f} s wall, {t['total']['cpu_s']:.0f} s CPU "
             f"(all threads) on {results['environment']['cpu_count']} CPU cores "
-            f"({results['environment']['backend']}). Per phase (wall / CPU s): "
-            + ", ".join(f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f}"
+            f"({results['environment'].get('cpu_model', '?')}, "
+            f"{results['environment']['backend']}); {t['total'].get('compile_s', 0):.0f} s of "
+            "it compiling. Per phase (wall / CPU / compile s): "
+            + ", ".join(f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f} / {v.get('compile_s', 0):.0f}"
                         for k, v in t.items() if k != "total") + ".", ""]
   path = os.path.join(out_dir, "report.md")
   atomic_write_text(path, "\n".join(lines))
