@@ -307,6 +307,7 @@ class Demo:
       self.echo(f"[1/5] base: pretraining on the source domain ({s.pretrain_steps} steps, "
                 f"{len(self.source_train)} samples: {self.source.describe()})")
       result = train(cfg, data_iter=self.batches(self.source_train, 1))
+      _stop_if_preempted(result)
       params = _host(result.params)
       os.makedirs(base_dir, exist_ok=True)
       with open(cache + ".tmp", "wb") as f:
@@ -349,6 +350,7 @@ class Demo:
               f"{' (LR grid)' if grid else ''}")
     result = train(cfg, eval_fn=eval_fn, base_params=base_params,
                    data_iter=self.batches(self.target_train, 2, self.finetune_seq_len))
+    _stop_if_preempted(result)
     params = _host(result.params)
     losses = [(m["step"], m["loss"]) for m in result.metrics if "loss" in m]
     t = clock.read()
@@ -420,6 +422,13 @@ class Demo:
             "rank_median": float(np.median(ranks)), "rank_max": int(max(ranks)),
             "rank_min": int(min(ranks)), "spectra_layer": int(mid), "spectra": spectra,
             "rel_delta_norm": float(np.mean([r["rel_delta_norm"] for r in a.rows]))}
+
+
+def _stop_if_preempted(result) -> None:
+  """`train` returns early on SIGTERM (a preemption: checkpoint saved); the demo stops there
+  rather than going on to its next run."""
+  if result.preempted:
+    raise SystemExit(result.exit_code)
 
 
 def cpu_model() -> str:
