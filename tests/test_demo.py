@@ -146,6 +146,23 @@ def test_finetune_rows_without_padding_hold_the_same_samples():
     assert not x["segment_ids"][:, 52:].any()  # the cut columns were padding
 
 
+def test_example_batches_share_packed_epochs_through_a_cache():
+  tok = ByteTokenizer()
+  exs = TargetDomain(0).train_set(300, seed=0)
+  cache = {}
+  plain = ExampleBatches(exs, tok, seq_len=52, batch_size=8, seed=2)
+  first = ExampleBatches(exs, tok, seq_len=52, batch_size=8, seed=2, cache=cache)
+  a = [next(first) for _ in range(2 * first.batches_per_epoch + 1)]
+  second = ExampleBatches(exs, tok, seq_len=52, batch_size=8, seed=2, cache=cache)
+  assert second._docs is first._docs and ("epoch", 1) in cache
+  for x, y, z in zip(a, [next(second) for _ in range(len(a))], [next(plain) for _ in a]):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+      np.testing.assert_array_equal(x[k], z[k])
+  with pytest.raises(ValueError):
+    a[0]["tokens"][0, 0] = 1  # shared rows are read-only
+
+
 # --------------------------------------------------------------------------- verdict
 def _run(rank, curve, targets="all", delta=None, weight_decay=0.0, attention_dropout=0.0):
   label = "full FT" if rank == 0 else f"LoRA r={rank}"

@@ -262,6 +262,7 @@ class Demo:
     self.model_config = None
     self.evaluator: DemoEvaluator | None = None
     self.timings: dict[str, dict] = {}
+    self._batch_cache: dict = {}
 
   @functools.cached_property
   def finetune_seq_len(self) -> int:
@@ -277,8 +278,13 @@ class Demo:
     return max(n, (self.s.seq_len // n) * n)
 
   def batches(self, examples, stream: int, seq_len: int | None = None) -> ExampleBatches:
-    return ExampleBatches(examples, self.tokenizer, seq_len=seq_len or self.s.seq_len,
-                          batch_size=self.s.batch_rows, seed=self.s.seed * 1000 + stream)
+    """Batches of `examples` (stream 1: source, 2: target); every run of a stream reads the same
+    batches, so their encoding and packing are shared (`ExampleBatches(cache=...)`)."""
+    seq_len = seq_len or self.s.seq_len
+    cache = self._batch_cache.setdefault((stream, seq_len), {})
+    return ExampleBatches(examples, self.tokenizer, seq_len=seq_len,
+                          batch_size=self.s.batch_rows, seed=self.s.seed * 1000 + stream,
+                          cache=cache)
 
   # -- phase 1
   def pretrain(self) -> Any:
