@@ -27,10 +27,19 @@ class ExampleBatches:
   """Endless, checkpointable batches (int32 [B, L]: tokens, positions, segment_ids, loss_mask)."""
 
   def __init__(self, examples: Sequence[Example], tokenizer: Any, *, seq_len: int,
-               batch_size: int, seed: int):
+               batch_size: int, seed: int, cache: dict | None = None):
+    """`cache` (a dict the caller keeps) shares the encoded samples and packed epochs between
+    iterators over the same (examples, seq_len, seed): the demo's finetuning runs all read the
+    same batches, so each epoch is packed once instead of once per run."""
     if not examples:
       raise ValueError("no examples")
-    self._docs = [encode_example(ex, tokenizer) for ex in examples]
+    self._cache = cache
+    if cache is not None and "docs" in cache:
+      self._docs = cache["docs"]
+    else:
+      self._docs = [encode_example(ex, tokenizer) for ex in examples]
+      if cache is not None:
+        cache["docs"] = self._docs
     longest = max(len(ids) for ids, _ in self._docs)
     if longest > seq_len:
       raise ValueError(f"an example has {longest} tokens > seq_len={seq_len}")
@@ -43,10 +52,17 @@ class ExampleBatches:
                        f"batch of {self.batch_size}")
 
   def _pack(self, epoch: int) -> dict[str, np.ndarray]:
+    if self._cache is not None and ("epoch", epoch) in self._cache:
+      return self._cache[("epoch", epoch)]
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self._docs))
-    return pack_documents([self._docs[i][0] for i in order], self.seq_len,
+    rows = pack_documents([self._docs[i][0] for i in order], self.seq_len,
                           mask_lists=[self._docs[i][1] for i in order], pad_id=self.pad_id,
                           mode="whole")
+    if self._cache is not None:
+      for v in rows.values():
+        v.setflags(write=False)  # shared between iterators: read-only
+      self._cache[("epoch", epoch)] = rows
+    return rows
 
   @property
   def batches_per_epoch(self) -> int:

@@ -77,8 +77,41 @@ class DemoEvaluator:
     return {"acc": exact_match_accuracy(self.target_examples, completions),
             "n": len(completions)}
 
+  def sample(self, params: Any, lora_config: LoraConfig | None, examples: Sequence[Example], *,
+             n: int, temperature: float, top_p: float, seed: int) -> list[list[str]]:
+    """`n` sampled completions per prompt of `examples` (through `generate`, as HumanEval's
+    pass@1 samples are drawn), for the diversity count."""
+    # n rows per prompt: batches of several prompts' samples (fewer, larger device calls)
+    generate = make_generate_fn(self.config, self._merged(params, lora_config), None,
+                                self.tokenizer, batch_size=max(self.batch_size, 4 * n))
+    return generate([ex.prompt for ex in examples], n=n, temperature=temperature, top_p=top_p,
+                    max_new_tokens=self.max_new_tokens, seed=seed)
+
   def __call__(self, params: Any, lora_config: LoraConfig | None = None) -> dict:
     merged = self._merged(params, lora_config)
     target = self.target_accuracy(merged)
     target["loss"] = self.target_loss(merged)
     return {"target": target, "source": self.source_accuracy(merged)}
+
+
+def diversity_counts(examples: Sequence[Example], samples: Sequence[Sequence[str]]) -> dict:
+  """Unique strings among the samples of each prompt, as the paper counts HumanEval generations
+  (surrounding whitespace ignored, as exact match ignores it), for correct and incorrect samples
+  separately. A target prompt has one correct answer, so `unique_correct` is 0 or 1 per prompt:
+  the informative counts are `unique_incorrect` and `unique` (all samples)."""
+  if len(examples) != len(samples):
+    raise ValueError(f"{len(examples)} examples but {len(samples)} sample lists")
+  unique, unique_correct, unique_incorrect, n_correct, n = [], [], [], 0, 0
+  for ex, outs in zip(examples, samples):
+    outs = [o.strip() for o in outs]
+    correct = {o for o in outs if o == ex.response}
+    unique.append(len(set(outs)))
+    unique_correct.append(len(correct))
+    unique_incorrect.append(len({o for o in outs if o != ex.response}))
+    n_correct += sum(o == ex.response for o in outs)
+    n += len(outs)
+  k = max(len(examples), 1)
+  return {"n_prompts": len(examples), "n_samples": n, "correct_fraction": n_correct / max(n, 1),
+          "unique_total": sum(unique), "unique_correct_total": sum(unique_correct),
+          "unique_incorrect_total": sum(unique_incorrect), "unique_mean": sum(unique) / k,
+          "unique_incorrect_mean": sum(unique_incorrect) / k, "per_prompt_unique": unique}

@@ -16,6 +16,8 @@ FIGURES = {
     "forgetting": "forgetting_curves.png",
     "rank": "rank_by_layer.png",
     "spectra": "spectra.png",
+    "regularizers": "regularizers.png",
+    "diversity": "diversity.png",
 }
 
 
@@ -66,7 +68,82 @@ def write_figures(results: dict, spectra: dict[str, dict[str, np.ndarray]], out_
         spectra, os.path.join(out_dir, FIGURES["spectra"]),
         title=f"Spectra at layer {results.get('spectra_layer', '?')} "
               f"({results.get('spectra_module', '')})")
+  regs = [r for r in runs if r.get("role") == "regularizer"]
+  if regs:
+    paths["regularizers"] = plot_regularizers(results, os.path.join(out_dir,
+                                                                    FIGURES["regularizers"]))
+  if (results.get("diversity") or {}).get("models"):
+    paths["diversity"] = plot_diversity(results["diversity"],
+                                        os.path.join(out_dir, FIGURES["diversity"]))
   return {k: os.path.basename(v) for k, v in paths.items() if v}
+
+
+def regularizer_comparison_runs(results: dict) -> list[dict]:
+  """The runs of claim (d): plain full FT (kept), each regularized run, LoRA on all modules."""
+  kept = [r for r in results["runs"] if r.get("selected", True)]
+  plain = [r for r in kept if r["rank"] == 0 and r.get("role") != "regularizer"]
+  regs = [r for r in kept if r.get("role") == "regularizer"]
+  lora = sorted((r for r in kept if r["rank"] > 0 and r["targets"] == "all"),
+                key=lambda r: r["rank"])
+  return plain + regs + lora
+
+
+def plot_regularizers(results: dict, path: str) -> str:
+  """The paper's Fig. 4: learning (target acc) and forgetting (source acc) over training for
+  full FT, full FT with weight decay / attention dropout, and LoRA; plus the end points."""
+  plt = plots.plt
+  runs = regularizer_comparison_runs(results)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for r in runs:
+    style = "--" if r.get("role") == "regularizer" else ("-" if r["rank"] == 0 else ":")
+    steps = [p["step"] for p in r["curve"]]
+    kw = dict(ls=style, marker="o", markersize=3, label=r["label"])
+    (line,) = axes[0].plot(steps, [p["target_acc"] for p in r["curve"]], **kw)
+    axes[1].plot(steps, [p["source_acc"] for p in r["curve"]], color=line.get_color(), **kw)
+    axes[2].plot([p["source_acc"] for p in r["curve"]], [p["target_acc"] for p in r["curve"]],
+                 color=line.get_color(), **kw)
+    end = r["curve"][-1]
+    axes[2].plot([end["source_acc"]], [end["target_acc"]], marker="*", markersize=11,
+                 color=line.get_color())
+  base = results["base"]
+  axes[2].plot([base["source_acc"]], [base["target_acc"]], marker="s", color="black", ls="none",
+               label="base")
+  for ax, (xl, yl, t) in zip(axes, [
+      ("finetuning step", "target accuracy", "Learning (target domain)"),
+      ("finetuning step", "source accuracy", "Forgetting (source domain; lower = more forgotten)"),
+      ("source accuracy", "target accuracy", "Learning vs forgetting (* = end)")]):
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(t, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[2].legend(fontsize=7)
+  fig.suptitle("LoRA vs regularized full FT (the paper's Fig. 4): dashed = weight decay / "
+               "attention dropout, solid = full FT, dotted = LoRA", fontsize=10)
+  return plots.save_figure(fig, path)
+
+
+def plot_diversity(diversity: dict, path: str) -> str:
+  """The paper's Fig. 5: unique strings among the samples of each prompt, correct and
+  incorrect, per model."""
+  plt = plots.plt
+  models = list(diversity["models"].values())
+  labels = [m["label"] for m in models]
+  k = max(diversity["n_prompts"], 1)
+  correct = [m["unique_correct_total"] / k for m in models]
+  wrong = [m["unique_incorrect_total"] / k for m in models]
+  x = np.arange(len(models))
+  fig, ax = plt.subplots(figsize=(7.2, 4.2))
+  ax.bar(x - 0.2, correct, 0.4, label="among correct samples (at most 1: one right answer)")
+  ax.bar(x + 0.2, wrong, 0.4, label="among incorrect samples")
+  for i, m in enumerate(models):
+    ax.annotate(f"{m['unique_mean']:.2f}", (x[i], max(correct[i], wrong[i])), ha="center",
+                fontsize=7, xytext=(0, 3), textcoords="offset points")
+  ax.set_xticks(x)
+  ax.set_xticklabels(labels, rotation=20, fontsize=8)
+  _title = (f"Unique strings per prompt among {diversity['n_samples']} samples "
+            f"(T={diversity['temperature']:g}, top-p {diversity['top_p']:g}; numbers: all samples)")
+  plots._finish_axes(ax, "", "unique strings per prompt", _title)
+  return plots.save_figure(fig, path)
 
 
 def _row(r: dict) -> str:
@@ -114,8 +191,9 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
       "LoRA: alpha = 2r, no dropout, embeddings and norms frozen. Peak LRs tried: full FT "
       f"{', '.join(f'{x:g}' for x in s['lrs_full'])}; LoRA (r={s['grid_rank']}, all modules) "
       f"{', '.join(f'{x:g}' for x in s['lrs_lora'])}; each method keeps the LR with the lowest "
-      "final target validation loss (the paper tuned LRs on the target domain), and the other "
-      "LoRA runs use LoRA's. The verdict uses the kept runs; the figures show every run. "
+      "final target validation loss (the paper tuned LRs on the target domain), the other "
+      "LoRA runs use LoRA's and the regularized full-FT runs full FT's. The verdict uses the kept "
+      "runs; the figures show every run. "
       f"Evaluated every {s['eval_every']} steps.",
       "",
       "## Results (end of finetuning)",
@@ -128,6 +206,40 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
   lines += ["", f"Base model: source acc {base['source_acc']:.3f}, target acc "
             f"{base['target_acc']:.3f}. Standard error of an accuracy near 0.5: about "
             f"{0.5 / np.sqrt(max(results['n_target'], 1)):.3f}.", ""]
+  reg = results.get("regularizers")
+  if reg:
+    wds = ", ".join(f"{w:.2g}" for w in reg["weight_decays"])
+    shrink = ", ".join(f"{100 * x:.1f}%" for x in reg["weight_shrink"])
+    lines += [
+        "## Claim (d): LoRA vs weight decay and attention dropout", "",
+        f"Full FT at the selected full-FT LR ({reg['lr']:g}) with decoupled weight decay {wds} "
+        f"(`optimizer.weight_decay`) and with attention dropout "
+        f"{', '.join(f'{p:g}' for p in reg['attention_dropouts'])} (`model.attention_dropout`). "
+        f"The weight decays are the paper's "
+        f"{', '.join(f'{w:g}' for w in reg['paper_weight_decays'])} (code IFT, "
+        f"{reg['paper_steps_per_epoch']} steps per epoch) rescaled to equal total decay per "
+        f"epoch: the demo takes {reg['steps_per_epoch']} steps per epoch "
+        f"({reg['epochs']:.1f} epochs in {s['finetune_steps']} steps), and decoupled decay "
+        "shrinks every weight by wd x lr(t)/peak per step, so wd_demo = wd_paper x "
+        f"{reg['paper_steps_per_epoch']}/{reg['steps_per_epoch']}. Over the run (sum of the LR "
+        f"factor {reg['schedule_factor_sum']:.0f}) decay alone shrinks every weight by {shrink}, "
+        "as the paper's values do over the same number of epochs. Dropout rates are "
+        "probabilities per attention weight, independent of scale: the paper's values.", ""]
+  div = results.get("diversity")
+  if div and div.get("models"):
+    lines += [
+        "## Claim (e): diversity of generations", "",
+        f"{div['n_samples']} samples per prompt for the first {div['n_prompts']} held-out target "
+        f"prompts, temperature {div['temperature']:g}, top-p {div['top_p']:g} (the paper's "
+        "HumanEval setting), through `generate`. A target prompt has exactly one correct answer, "
+        "so at most one unique correct string per prompt: the informative counts are the unique "
+        "incorrect strings and the unique strings among all samples.", "",
+        "| model | unique strings / prompt | unique correct (total) | unique incorrect (total) | "
+        "samples correct |", "|---|---|---|---|---|"]
+    for m in div["models"].values():
+      lines.append(f"| {m['label']} | {m['unique_mean']:.2f} | {m['unique_correct_total']} | "
+                   f"{m['unique_incorrect_total']} | {m['correct_fraction']:.3f} |")
+    lines.append("")
   captions = {
       "pareto": "Learning (target accuracy) against forgetting (source accuracy) at each "
                 "checkpoint; up and to the right is better. The paper's Pareto view.",
@@ -136,6 +248,10 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
       "rank": "Full FT: rank@90% of ΔW per layer and module; dashed lines: the LoRA ranks used.",
       "spectra": "Normalized singular values and cumulative explained variance of W_base, "
                  "full-FT ΔW and LoRA ΔW at one layer.",
+      "regularizers": "Claim (d), as the paper's Fig. 4: learning and forgetting of full FT, "
+                      "full FT with weight decay / attention dropout, and LoRA.",
+      "diversity": "Claim (e), as the paper's Fig. 5: unique strings among the samples of each "
+                   "prompt, for correct and incorrect samples.",
   }
   lines += ["## Figures", ""]
   for key, name in figures.items():
@@ -144,8 +260,10 @@ def write_markdown(results: dict, figures: dict, out_dir: str) -> str:
   lines += ["## Timing", "",
             f"Total {t['total']['wall_s']:.0f} s wall, {t['total']['cpu_s']:.0f} s CPU "
             f"(all threads) on {results['environment']['cpu_count']} CPU cores "
-            f"({results['environment']['backend']}). Per phase (wall / CPU s): "
-            + ", ".join(f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f}"
+            f"({results['environment'].get('cpu_model', '?')}, "
+            f"{results['environment']['backend']}); {t['total'].get('compile_s', 0):.0f} s of "
+            "it compiling. Per phase (wall / CPU / compile s): "
+            + ", ".join(f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f} / {v.get('compile_s', 0):.0f}"
                         for k, v in t.items() if k != "total") + ".", ""]
   path = os.path.join(out_dir, "report.md")
   atomic_write_text(path, "\n".join(lines))
