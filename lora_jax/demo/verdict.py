@@ -116,6 +116,18 @@ def matched_comparison(full_runs: Sequence[dict], lora_runs: Sequence[dict]) -> 
           "mean_gap": sum(gaps) / len(gaps) if gaps else None}
 
 
+def matched_text(m: dict, against: str) -> str:
+  """The verdict's clause for a `matched_comparison` result against `against`."""
+  if not m["total"]:
+    return (f"; no low-rank LoRA checkpoint learned enough (target acc >= "
+            f"{MIN_MATCH_LEARNING:g}) for a matched comparison")
+  text = (f"; at matched target acc (vs {against}), {m['above']}/{m['total']} low-rank LoRA "
+          f"checkpoints retain more (mean gap {m['mean_gap']:+.2f})")
+  if m["above"] * 2 <= m["total"]:
+    text += ": LoRA's retention here comes from learning less"
+  return text
+
+
 def finding_a(results: dict) -> dict:
   full, _, low = _split(results)
   if full is None or not low:
@@ -156,14 +168,7 @@ def finding_b(results: dict) -> dict:
           + f" ({margin_text(margin)})")
   all_full = [r for r in results["runs"] if r["rank"] == 0 and not is_regularized(r)]
   m = matched_comparison(all_full, low)
-  if m["total"]:
-    text += (f"; at matched target acc (vs full FT at any LR tried), {m['above']}/{m['total']} "
-             f"low-rank LoRA checkpoints retain more (mean gap {m['mean_gap']:+.2f})")
-    if m["above"] * 2 <= m["total"]:
-      text += ": LoRA's retention here comes from learning less"
-  else:
-    text += (f"; no low-rank LoRA checkpoint learned enough (target acc >= "
-             f"{MIN_MATCH_LEARNING:g}) for a matched comparison")
+  text += matched_text(m, "full FT at any LR tried")
   return {"status": HOLDS if margin > Z else FAILS, "text": text, "matched": m,
           "margin_se": margin}
 
@@ -217,14 +222,7 @@ def finding_d(results: dict) -> dict:
         f"{r['label']} {_fmt(_final(r)['target_acc'])}/{_fmt(_final(r)['source_acc'])}"
         for r in high)
   m = matched_comparison(regs, low)
-  if m["total"]:
-    text += (f"; at matched target acc (vs any regularized run), {m['above']}/{m['total']} "
-             f"low-rank LoRA checkpoints retain more (mean gap {m['mean_gap']:+.2f})")
-    if m["above"] * 2 <= m["total"]:
-      text += ": LoRA's retention here comes from learning less"
-  else:
-    text += (f"; no low-rank LoRA checkpoint learned enough (target acc >= "
-             f"{MIN_MATCH_LEARNING:g}) for a matched comparison")
+  text += matched_text(m, "any regularized run")
   return {"status": HOLDS if margin > Z else FAILS, "text": text, "matched": m,
           "margin_se": margin}
 
