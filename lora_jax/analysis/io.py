@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 
@@ -34,7 +33,7 @@ def save_analysis(analysis: Analysis, out_dir: str, extra: dict | None = None) -
 
 def load_analysis(path: str) -> Analysis:
   """Reads a directory written by `save_analysis` (spectra are optional)."""
-  doc = json.loads(fileio.read_text(fileio.join(path, ANALYSIS_FILE)))
+  doc = fileio.read_json(fileio.join(path, ANALYSIS_FILE), "analysis")
   spec_path = fileio.join(path, SPECTRA_FILE)
   spectra = {}
   if fileio.exists(spec_path):

@@ -14,7 +14,6 @@ PEFT adapter dir (adapter_config.json; needs `base`), or a lora-jax checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -95,7 +94,7 @@ class HFSource:
       raise RuntimeError("reading HF directories needs lora_jax.interop.hf.open_hf_tensors, "
                          f"which is not available yet ({e})") from e
     self.name = path
-    config = json.loads(fileio.read_text(fileio.join(path, "config.json")))
+    config = fileio.read_json(fileio.join(path, "config.json"), "HF config")
     self.num_layers = int(config["num_hidden_layers"])
     self.tensors = open_hf_tensors(path)
 
@@ -138,7 +137,7 @@ class PeftSource:
   """
 
   def __init__(self, path: str, base: WeightSource):
-    self.config = json.loads(fileio.read_text(fileio.join(path, "adapter_config.json")))
+    self.config = fileio.read_json(fileio.join(path, "adapter_config.json"), "PEFT adapter config")
     if str(self.config.get("peft_type", "LORA")).upper() != "LORA":
       raise ValueError(f"{path}: peft_type {self.config.get('peft_type')!r} is not LORA")
     weights = fileio.join(path, "adapter_model.safetensors")

@@ -11,7 +11,6 @@ directory holding either; paths may be local or gs:// (a remote file is parsed f
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Protocol, Sequence
 
@@ -116,7 +115,7 @@ def _special_tokens_from_dir(d: str) -> dict:
   out = {}
   p = fileio.join(d, "tokenizer_config.json") if d else ""
   if p and fileio.exists(p):
-    cfg = json.loads(fileio.read_text(p))
+    cfg = fileio.read_json(p, "tokenizer config")
     for k in ("bos_token", "eos_token", "pad_token"):
       v = cfg.get(k)
       out[k] = v.get("content") if isinstance(v, dict) else v

@@ -167,7 +167,7 @@ def load_run(path: str, label: str | None = None) -> Run:
   for name in ("config.json", "run.json"):  # run.json's flat fields override
     f = fileio.join(path, name)
     if fileio.isfile(f):
-      cfg.update(json.loads(fileio.read_text(f)))
+      cfg.update(fileio.read_json(f, "run config"))
   method, rank, targets, lr, cfg_label = _describe(cfg)
   metrics_file = fileio.join(path, "metrics.jsonl")
   lines = read_jsonl(metrics_file) if fileio.isfile(metrics_file) else []
