@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from lora_jax.config import LlamaConfig
 from lora_jax.demo.domains import ChoiceItem, Example, exact_match_accuracy
+from lora_jax.evals.diversity import GROUPS, unique_counts
 from lora_jax.evals.multiple_choice import MCDoc, evaluate_multiple_choice
 from lora_jax.evals.scoring import Scorer
 from lora_jax.generate import make_generate_fn
@@ -95,23 +96,24 @@ class DemoEvaluator:
 
 
 def diversity_counts(examples: Sequence[Example], samples: Sequence[Sequence[str]]) -> dict:
-  """Unique strings among the samples of each prompt, as the paper counts HumanEval generations
-  (surrounding whitespace ignored, as exact match ignores it), for correct and incorrect samples
-  separately. A target prompt has one correct answer, so `unique_correct` is 0 or 1 per prompt:
-  the informative counts are `unique_incorrect` and `unique` (all samples)."""
+  """Unique strings among the samples of each prompt, counted by `evals.diversity.unique_counts`
+  as the paper counts HumanEval generations, correct ("passing") and incorrect samples
+  separately; surrounding whitespace is ignored, as exact match ignores it. A target prompt has
+  one correct answer, so `unique_correct` is 0 or 1 per prompt: the informative counts are
+  `unique_incorrect` and `unique` (all samples)."""
   if len(examples) != len(samples):
     raise ValueError(f"{len(examples)} examples but {len(samples)} sample lists")
-  unique, unique_correct, unique_incorrect, n_correct, n = [], [], [], 0, 0
-  for ex, outs in zip(examples, samples):
-    outs = [o.strip() for o in outs]
-    correct = {o for o in outs if o == ex.response}
-    unique.append(len(set(outs)))
-    unique_correct.append(len(correct))
-    unique_incorrect.append(len({o for o in outs if o != ex.response}))
-    n_correct += sum(o == ex.response for o in outs)
-    n += len(outs)
-  k = max(len(examples), 1)
+  rows = [{"task_id": i, "completion": o.strip(), "passed": o.strip() == ex.response}
+          for i, (ex, outs) in enumerate(zip(examples, samples)) for o in outs]
+  counts = unique_counts(rows)
+  per_prompt = [counts.get(i, {g: {"unique": 0, "total": 0} for g in GROUPS})
+                for i in range(len(examples))]
+  unique = [c["all"]["unique"] for c in per_prompt]
+  unique_incorrect = sum(c["failing"]["unique"] for c in per_prompt)
+  n_correct = sum(c["passing"]["total"] for c in per_prompt)
+  n, k = len(rows), max(len(examples), 1)
   return {"n_prompts": len(examples), "n_samples": n, "correct_fraction": n_correct / max(n, 1),
-          "unique_total": sum(unique), "unique_correct_total": sum(unique_correct),
-          "unique_incorrect_total": sum(unique_incorrect), "unique_mean": sum(unique) / k,
-          "unique_incorrect_mean": sum(unique_incorrect) / k, "per_prompt_unique": unique}
+          "unique_total": sum(unique),
+          "unique_correct_total": sum(c["passing"]["unique"] for c in per_prompt),
+          "unique_incorrect_total": unique_incorrect, "unique_mean": sum(unique) / k,
+          "unique_incorrect_mean": unique_incorrect / k, "per_prompt_unique": unique}
