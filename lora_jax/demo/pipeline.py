@@ -408,7 +408,7 @@ class Demo:
             "paper_weight_decays": list(s.paper_weight_decays),
             "paper_steps_per_epoch": s.paper_steps_per_epoch,
             "weight_decays": list(wds), "schedule_factor_sum": factor_sum,
-            # total shrinkage of every weight by decay alone: 1 - prod(1 - wd * factor)
+            # total shrinkage of every weight by decay alone: 1 - exp(-wd * sum_t factor(t))
             "weight_shrink": [1 - float(np.exp(-w * factor_sum)) for w in wds],
             "attention_dropouts": list(s.attention_dropouts)}
 
@@ -428,6 +428,12 @@ class Demo:
             "rank_median": float(np.median(ranks)), "rank_max": int(max(ranks)),
             "rank_min": int(min(ranks)), "spectra_layer": int(mid), "spectra": spectra,
             "rel_delta_norm": float(np.mean([r["rel_delta_norm"] for r in a.rows]))}
+
+
+def _analyzed(run: dict) -> bool:
+  """Whether a run's dW is analyzed: a kept run (its LR won the selection) that is not one of
+  the regularized full-FT runs."""
+  return run["selected"] and run["role"] != "regularizer"
 
 
 def _stop_if_preempted(result) -> None:
@@ -513,7 +519,7 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
       key=lambda r: r["spec"].rank))
   demo.timings["diversity"] = div_clock.read()
 
-  kept = [r for r in runs if r["selected"] and r["role"] != "regularizer"]
+  kept = [r for r in runs if _analyzed(r)]
   echo(f"[4/5] analyze: SVD of every dW of the {len(kept)} kept runs (not the regularized ones)")
   an_clock = Clock()
   module = "up_proj"
@@ -527,7 +533,7 @@ def run_demo(settings: DemoSettings, out_dir: str, echo: Callable[[str], None] =
            "selected": run["selected"], "curve": run["curve"],
            "loss": run["loss"], "time": run["time"], "delta_rank": None}
     rows.append(row)
-    if not run["selected"] or run["role"] == "regularizer":
+    if not _analyzed(run):
       continue  # an LR that lost the selection (or a regularized run): its dW is not analyzed
     a = demo.analyze(base, run)
     row.update({
